@@ -80,7 +80,7 @@ def command(cls: type[C], section: str, run: Callable[[C], Any]) -> Callable[...
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         if typing.get_origin(tp) is typing.Literal:
-            help_text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
+            help_text = help_text.rstrip(".") + f". One of: {', '.join(map(str, typing.get_args(tp)))}."
         if _is_scalar(tp):
             ann = typing.Annotated[typing.Optional[_option_type(tp)], typer.Option(help=help_text, show_default=False)]
         else:
