@@ -14,6 +14,8 @@ import typer
 from stages import models, prepare
 from stages import generate
 from stages import filter as filter_stage
+from stages import distill
+from stages import analyze, evaluate, report
 from stages.cli import command
 
 # vLLM on a CPU host keeps one core for itself unless told otherwise; on a 2-core machine
@@ -41,6 +43,10 @@ app.command("models", help=models.__doc__)(command(models.ModelsConfig, "models"
 app.command("prepare", help=prepare.__doc__)(command(prepare.PrepareConfig, "prepare", prepare.run))
 app.command("generate", help=generate.__doc__)(command(generate.GenerateConfig, "generate", generate.run))
 app.command("filter", help=filter_stage.__doc__)(command(filter_stage.FilterConfig, "filter", filter_stage.run))
+app.command("distill", help=distill.__doc__)(command(distill.DistillConfig, "distill", distill.run))
+app.command("evaluate", help=evaluate.__doc__)(command(evaluate.EvaluateConfig, "evaluate", evaluate.run))
+app.command("report", help=report.__doc__)(command(report.ReportConfig, "report", report.run))
+app.command("analyze", help=analyze.__doc__)(command(analyze.AnalyzeConfig, "analyze", analyze.run))
 
 
 if __name__ == "__main__":

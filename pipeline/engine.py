@@ -1,0 +1,347 @@
+"""The shared vLLM engine helper: one place that turns an ``EngineConfig`` into engines.
+
+``generate`` (teacher rationales) and ``evaluate`` (student predictions) both use it:
+
+    cfg = EngineConfig(enforce_eager=True, kv_cache_gib=1)
+    llm = load_llm("data/models/smollm2-135m-instruct", cfg)
+    prompts = chat_prompts(llm.get_tokenizer(), ["What is 2 + 3?"])
+    outs = complete(llm, prompts, SamplingParams(max_tokens=64))   # list[list[Completion]]
+    unload_llm(llm)
+
+Data parallelism. vLLM's offline ``LLM`` refuses ``data_parallel_size > 1`` in one process,
+so ``EnginePool`` starts ``data_parallel_size`` worker processes, each holding a full engine
+(itself ``tensor_parallel_size`` GPUs wide) on its own slice of the visible GPUs, and splits
+every batch between them. ``open_engine`` picks the in-process engine or the pool from the
+config; ``complete`` and ``EnginePool.generate`` return the same plain ``Completion`` lists.
+
+vLLM on a CPU host: ``gpu_memory_utilization`` must be <= 0.5 (it sets the KV cache's share of
+RAM) and scripts need an ``if __name__ == "__main__":`` guard, because vLLM spawns workers.
+``kv_cache_gib`` pins the KV cache size instead, which keeps concurrent engines small.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import check
+
+if TYPE_CHECKING:  # vLLM is imported lazily: importing it is slow and it is absent on some hosts
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+log = logging.getLogger("mind.engine")
+
+# Unless told otherwise, vLLM on CPU reserves one core for itself; on a 2-core host that
+# halves throughput. Harmless on GPU hosts. (stages/app.py sets it too; tests and scripts
+# that import this module directly get it here.)
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings (one engine per data-parallel replica)."""
+
+    dtype: str = "bfloat16"  # auto | bfloat16 | float16 | float32
+    max_model_len: int = 2048  # prompt + completion tokens per sequence
+    gpu_memory_utilization: float = 0.5  # share of GPU memory (on CPU: of RAM, <= 0.5)
+    enforce_eager: bool = True  # skip graph capture / compilation: ~30 s faster start-up on CPU
+    tensor_parallel_size: int = 1  # GPUs per engine (shards the weights)
+    data_parallel_size: int = 1  # engine replicas (worker processes), each on its own GPUs
+    seed: int = 0  # engine seed (per-request seeds in SamplingParams take precedence)
+    enable_lora: bool = False  # allow LoRARequest adapters (evaluate's PEFT students)
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    kv_cache_gib: float | None = None  # fixed KV cache size in GiB; None: from gpu_memory_utilization
+    max_num_seqs: int = 256  # sequences scheduled together
+    max_num_batched_tokens: int | None = None  # tokens per scheduler step; None: vLLM's default
+    # None: vLLM's default on GPUs, off on CPU hosts. vLLM 0.32's CPU runner crashes ("CPU Generator
+    # does not use offset") when a request with its own sampling seed is prefilled in chunks.
+    enable_chunked_prefill: bool | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.dtype in ("auto", "bfloat16", "float16", "float32", "half", "float"),
+              f"engine.dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        check(self.max_model_len > 0, "engine.max_model_len must be positive")
+        check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization must be in (0, 1]")
+        check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size must be >= 1")
+        check(self.data_parallel_size >= 1, "engine.data_parallel_size must be >= 1")
+        check(self.max_lora_rank >= 1 and self.max_loras >= 1, "engine.max_lora_rank and max_loras must be >= 1")
+        check(self.kv_cache_gib is None or self.kv_cache_gib > 0, "engine.kv_cache_gib must be positive")
+        check(self.max_num_seqs >= 1, "engine.max_num_seqs must be >= 1")
+        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+              "engine.max_num_batched_tokens must be >= 1")
+
+
+@dataclass
+class Completion:
+    """One sampled completion: what the stages keep from a vLLM ``CompletionOutput``."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_tokens)
+
+
+def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
+    """One in-process vLLM engine on ``model_dir`` (a local HF dir or a Hub id).
+
+    ``cfg.data_parallel_size`` is not used here: one call loads one replica. Use
+    ``open_engine`` / ``EnginePool`` for several.
+    """
+    from vllm import LLM
+
+    model = str(model_dir)
+    # A Hub id is "org/name"; anything deeper, or starting with "/" or ".", is a local folder.
+    looks_local = model.startswith(("/", ".")) or model.count("/") > 1
+    if looks_local and not Path(model).is_dir():
+        raise FileNotFoundError(f"model directory {model} does not exist (run `mind models`)")
+    kwargs: dict[str, Any] = {}
+    if cfg.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
+    if cfg.enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+    chunked = cfg.enable_chunked_prefill
+    if chunked is None and _on_cpu():
+        chunked = False
+    if chunked is not None:
+        kwargs["enable_chunked_prefill"] = chunked
+    if chunked is False:
+        # Without chunking, a whole prompt must fit in one scheduler step.
+        kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 4096, cfg.max_model_len)
+    elif cfg.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    log.info("loading vLLM engine on %s (dtype %s, tp %d, max_model_len %d, eager %s)",
+             model, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
+    return LLM(
+        model=model,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=cfg.enforce_eager,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        seed=cfg.seed,
+        max_num_seqs=cfg.max_num_seqs,
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def unload_llm(llm: LLM) -> None:
+    """Shut the engine's worker processes down and free its memory before the next model loads."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def chat_prompts(tokenizer: Any, messages: list[str], system: str | None = None) -> list[str]:
+    """Each user message wrapped in the tokenizer's chat template, ready for generation.
+
+    Raises ValueError when the tokenizer has no chat template: a raw prompt would silently
+    change what the model sees.
+    """
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+    out = []
+    for text in messages:
+        conv = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": text}
+        ]
+        out.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    # Templates such as Llama 3's start with the BOS token, and vLLM (like a plain tokenizer call)
+    # adds one again when it tokenizes the text: drop the template's copy so there is exactly one.
+    bos = tokenizer.bos_token
+    if bos and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        out = [p[len(bos):] if p.startswith(bos) else p for p in out]
+    return out
+
+
+def complete(
+    llm: LLM,
+    prompts: list[str],
+    params: SamplingParams | list[SamplingParams],
+    lora_request: LoRARequest | None = None,
+    use_tqdm: bool = False,
+) -> list[list[Completion]]:
+    """Generate for the whole batch in one ``LLM.generate`` call (vLLM schedules it).
+
+    Returns, per prompt, its ``n`` completions in sample order.
+    """
+    if not prompts:
+        return []
+    outs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=use_tqdm)
+    return [
+        [Completion(o.text, len(o.token_ids), str(o.finish_reason)) for o in out.outputs]
+        for out in outs
+    ]
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _cpu_binds(replicas: int, tp: int) -> list[str]:
+    """VLLM_CPU_OMP_THREADS_BIND per replica on a CPU host: disjoint core sets, so replicas do
+    not pin their OpenMP threads to the same cores ("0-3|4-7" = two TP ranks of 4 cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    ranks = replicas * tp
+    if len(cores) < ranks:
+        raise ValueError(f"data_parallel_size x tensor_parallel_size = {ranks} CPU ranks, only {len(cores)} cores")
+    per = len(cores) // ranks
+    groups = [cores[i * per:(i + 1) * per] for i in range(ranks)]
+    text = [",".join(map(str, g)) for g in groups]
+    return ["|".join(text[r * tp:(r + 1) * tp]) for r in range(replicas)]
+
+
+def _worker(rank: int, env: dict[str, str], model_dir: str, cfg: EngineConfig, conn: Connection) -> None:
+    """One data-parallel replica: load once, then answer (prompts, params, lora) batches until None."""
+    os.environ.update(env)
+    try:
+        llm = load_llm(model_dir, cfg)
+    except Exception as e:  # reported to the parent, which raises it with the rank
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        prompts, params, lora = msg
+        try:
+            conn.send(("ok", complete(llm, prompts, params, lora)))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    unload_llm(llm)
+    conn.send(("closed", None))
+
+
+class EnginePool:
+    """``data_parallel_size`` engine replicas in worker processes; batches are split evenly.
+
+    Replica r sees GPUs ``[r*tp, (r+1)*tp)`` of the visible ones; on a CPU host it gets its own
+    share of the cores instead. Each replica loads the model once, at construction.
+    """
+
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig) -> None:
+        self.size = cfg.data_parallel_size
+        gpus = _visible_gpus()
+        need = cfg.tensor_parallel_size * self.size
+        if gpus and len(gpus) < need:
+            raise ValueError(
+                f"data_parallel_size {self.size} x tensor_parallel_size {cfg.tensor_parallel_size} needs "
+                f"{need} GPUs, {len(gpus)} visible"
+            )
+        tp = cfg.tensor_parallel_size
+        if gpus:
+            envs = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[r * tp:(r + 1) * tp])} for r in range(self.size)]
+        elif os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+            envs = [{"VLLM_CPU_OMP_THREADS_BIND": b} for b in _cpu_binds(self.size, tp)]
+        else:  # the user's own binding wins
+            envs = [{} for _ in range(self.size)]
+        ctx = mp.get_context("spawn")  # vLLM and CUDA do not survive fork
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        for rank in range(self.size):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(rank, envs[rank], str(model_dir), cfg, child), daemon=False)
+            p.start()
+            self._conns.append(parent)
+            self._procs.append(p)
+        for rank, conn in enumerate(self._conns):
+            self._expect(rank, conn, "ready")
+
+    def _expect(self, rank: int, conn: Connection, kind: str) -> Any:
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"data-parallel engine {rank} died (see its log above)") from None
+        if status == "error":
+            self.close()
+            raise RuntimeError(f"data-parallel engine {rank}: {payload}")
+        if status != kind:
+            raise RuntimeError(f"data-parallel engine {rank}: expected {kind}, got {status}")
+        return payload
+
+    def generate(
+        self, prompts: list[str], params: SamplingParams | list[SamplingParams], lora_request: LoRARequest | None = None
+    ) -> list[list[Completion]]:
+        """Split the batch into ``size`` contiguous parts, one per replica; results in prompt order."""
+        if not prompts:
+            return []
+        step = -(-len(prompts) // self.size)
+        parts = []
+        for rank, conn in enumerate(self._conns):
+            lo, hi = rank * step, min(len(prompts), (rank + 1) * step)
+            p = params[lo:hi] if isinstance(params, list) else params
+            parts.append(hi > lo)
+            if hi > lo:
+                conn.send((prompts[lo:hi], p, lora_request))
+        out: list[list[Completion]] = []
+        for rank, conn in enumerate(self._conns):
+            if parts[rank]:
+                out.extend(self._expect(rank, conn, "ok"))
+        return out
+
+    def close(self) -> None:
+        """Stop every replica (each unloads its engine first)."""
+        for conn, proc in zip(self._conns, self._procs):
+            if proc.is_alive():
+                try:
+                    conn.send(None)
+                    if conn.poll(120):
+                        conn.recv()
+                except (BrokenPipeError, EOFError, OSError):
+                    pass
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+        self._conns, self._procs = [], []
+
+
+def open_engine(model_dir: str | Path, cfg: EngineConfig) -> LLM | EnginePool:
+    """The in-process engine for ``data_parallel_size == 1``, else an ``EnginePool``."""
+    return load_llm(model_dir, cfg) if cfg.data_parallel_size == 1 else EnginePool(model_dir, cfg)
+
+
+def close_engine(engine: LLM | EnginePool) -> None:
+    if isinstance(engine, EnginePool):
+        engine.close()
+    else:
+        unload_llm(engine)
+
+
+def engine_generate(
+    engine: LLM | EnginePool,
+    prompts: list[str],
+    params: SamplingParams | list[SamplingParams],
+    lora_request: LoRARequest | None = None,
+) -> list[list[Completion]]:
+    """``complete`` for an in-process engine, ``EnginePool.generate`` for a pool."""
+    if isinstance(engine, EnginePool):
+        return engine.generate(prompts, params, lora_request)
+    return complete(engine, prompts, params, lora_request)

@@ -1,0 +1,140 @@
+"""Accuracy with n and a 95% Wilson interval: the numbers `evaluate` writes and `report` reads.
+
+``evaluate`` scores prediction rows (``PREDICTION_SCHEMA``) and writes one metrics file per
+model with ``model_metrics``; ``report`` reads those files back with ``read_model_metrics``.
+A metrics file holds numbers only, so ``dvc metrics show`` / ``dvc metrics diff`` can
+compare every key across models and experiments::
+
+    {"id":  {"embedded": {"n": 60, "correct": 12, "accuracy": 0.2, "ci_low": ..., "ci_high": ...,
+                          "answered": 0.95, "strict_accuracy": 0.2, "flexible_accuracy": 0.25}, ...},
+     "ood": {"csqa": {...}, ...},
+     "avg": {"id": 0.2, "ood": 0.3, "all": 0.24}}
+
+``id``/``ood`` group the datasets (in-distribution / out-of-distribution); ``avg`` holds
+the unweighted mean accuracy over each group's datasets (the papers' "average" column).
+``strict_accuracy``/``flexible_accuracy`` exist for numeric datasets only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+Group = Literal["id", "ood"]
+GROUPS: tuple[Group, ...] = ("id", "ood")
+Z95 = 1.959963984540054  # the 97.5% standard-normal quantile
+
+# Prediction shards (data/eval/<model>/<dataset>/). The first seven columns are the DESIGN.md
+# contract; the others let every metric be recomputed from the shards alone.
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("dataset", pa.string()),
+        ("id", pa.string()),
+        ("output", pa.string()),
+        ("pred_answer", pa.string()),  # null: no answer could be extracted
+        ("gold", pa.string()),
+        ("correct", pa.bool_()),
+        ("answer_type", pa.string()),
+        ("strict_correct", pa.bool_()),  # numeric tasks only (null otherwise): lm-eval strict-match
+        ("flexible_correct", pa.bool_()),  # numeric tasks only (null otherwise): lm-eval flexible-extract
+        ("num_tokens", pa.int32()),  # generated tokens
+        ("finish_reason", pa.string()),  # stop | length (hit max_tokens)
+    ]
+)
+
+SUMMARY_KEYS = ("n", "correct", "accuracy", "ci_low", "ci_high")
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval for ``correct`` successes out of ``n`` trials.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0/n and n/n,
+    which matters for the small eval sets of the embedded default.
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval: n must be positive, got {n}")
+    if not 0 <= correct <= n:
+        raise ValueError(f"wilson_interval: correct={correct} is outside [0, n={n}]")
+    p = correct / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def accuracy_summary(flags: Sequence[bool]) -> dict[str, float | int]:
+    """n, correct, accuracy and its 95% Wilson interval for a list of per-question outcomes."""
+    n = len(flags)
+    if n == 0:
+        raise ValueError("accuracy_summary: no predictions to score")
+    k = sum(1 for f in flags if f)
+    lo, hi = wilson_interval(k, n)
+    return {"n": n, "correct": k, "accuracy": k / n, "ci_low": lo, "ci_high": hi}
+
+
+def dataset_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+    """Metrics of one (model, dataset) from its prediction rows (``PREDICTION_SCHEMA`` dicts).
+
+    ``answered`` is the share of outputs from which an answer could be extracted at all;
+    a low value means the model did not follow the answer format. ``truncated`` is the share
+    that hit the token limit, ``mean_tokens`` the mean output length. The strict/flexible
+    split is added when every row carries it (numeric tasks).
+    """
+    if not rows:
+        raise ValueError("dataset_metrics: no prediction rows")
+    out: dict[str, float | int] = dict(accuracy_summary([bool(r["correct"]) for r in rows]))
+    out["answered"] = sum(1 for r in rows if r["pred_answer"] is not None) / len(rows)
+    out["truncated"] = sum(1 for r in rows if r["finish_reason"] == "length") / len(rows)
+    out["mean_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
+    strict = [r.get("strict_correct") for r in rows]
+    flexible = [r.get("flexible_correct") for r in rows]
+    if all(s is not None for s in strict) and all(f is not None for f in flexible):
+        out["strict_accuracy"] = sum(1 for s in strict if s) / len(rows)
+        out["flexible_accuracy"] = sum(1 for f in flexible if f) / len(rows)
+    return out
+
+
+def model_metrics(per_dataset: dict[str, dict[str, float | int]], groups: dict[str, Group]) -> dict[str, Any]:
+    """One model's metrics file: datasets grouped into id/ood, plus the group averages."""
+    missing = sorted(set(per_dataset) - set(groups))
+    if missing:
+        raise ValueError(f"model_metrics: no id/ood group for dataset(s) {missing}")
+    out: dict[str, Any] = {g: {} for g in GROUPS}
+    for name, m in per_dataset.items():
+        out[groups[name]][name] = m
+    avg: dict[str, float] = {}
+    for g in GROUPS:
+        accs = [m["accuracy"] for m in out[g].values()]
+        if accs:
+            avg[g] = sum(accs) / len(accs)
+    every = [m["accuracy"] for m in per_dataset.values()]
+    if every:
+        avg["all"] = sum(every) / len(every)
+    out["avg"] = avg
+    return out
+
+
+def read_model_metrics(path: Path) -> dict[str, Any]:
+    """Read and check one evaluate metrics file; errors name the file and the bad key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not {"id", "ood", "avg"} <= set(data):
+        raise ValueError(f"{path}: not an evaluate metrics file (expected top-level keys id, ood, avg)")
+    for g in GROUPS:
+        if not isinstance(data[g], dict):
+            raise ValueError(f"{path}: '{g}' must map dataset names to metrics")
+        for name, m in data[g].items():
+            lacking = [k for k in SUMMARY_KEYS if not isinstance(m, dict) or k not in m]
+            if lacking:
+                raise ValueError(f"{path}: {g}.{name} lacks {lacking}")
+    return data

@@ -1,0 +1,142 @@
+"""The Teaching Assistant (TA, MIND's "MetaNet"): scores how learnable each path is right now.
+
+Input: for every (question, rationale) path, the frozen sentence encoder's embedding of the
+question and of the rationale, concatenated (``2·d``). The encoder never trains, so the
+embeddings are computed once per text and cached on disk (``embed_paths``).
+
+Per question (``K`` path slots, ``mask`` marks the real ones):
+
+1. an MLP projection ``2·d -> hidden``;
+2. the synergy layer: multi-head self-attention across the question's paths, with a
+   key-padding mask so a missing path is never attended to, plus a residual connection and
+   LayerNorm. ``synergy=False`` (the ablation) skips it: each path is scored alone;
+3. scoring heads: ``n_heads`` linear heads on the path representation, averaged into one
+   score ``s_k``. Padding slots get score 0 and must be ignored through ``mask``.
+
+Choice: the question and the rationale are embedded separately (rather than as one
+concatenated text) so that neither is truncated by the encoder's sequence limit and the TA
+sees the question's identity explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("mind.ta")
+
+
+class TeachingAssistant(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int = 256,
+        num_heads: int = 4,
+        synergy: bool = True,
+        score_heads: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim {hidden_dim} must be divisible by num_heads {num_heads}")
+        self.synergy = synergy
+        self.proj = nn.Sequential(
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+        )
+        # Built even when synergy is off, so TA checkpoints share one layout; unused then.
+        self.attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.heads = nn.Sequential(nn.GELU(), nn.Linear(hidden_dim, score_heads))
+
+    def forward(self, emb: Tensor, mask: Tensor) -> Tensor:
+        """``emb [Q, K, embed_dim]``, ``mask [Q, K]`` (True = real path) -> scores ``[Q, K]``."""
+        if emb.dim() != 3 or mask.shape != emb.shape[:2]:
+            raise ValueError(f"TA expects emb [Q, K, D] and mask [Q, K], got {tuple(emb.shape)}, {tuple(mask.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every question needs at least one real path")
+        # Padding embeddings may hold anything; zero them so they cannot produce NaN/inf.
+        emb = emb.masked_fill(~mask[..., None], 0.0)
+        h = self.proj(emb)
+        if self.synergy:
+            # key_padding_mask: True = ignore that key. Every question has a real key, so no
+            # attention row is all-masked (which would give NaN).
+            a, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
+            h = self.norm(h + a)
+        s = self.heads(h).mean(dim=-1)
+        return s.masked_fill(~mask, 0.0)
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def encoder_cache_path(cache_dir: Path, encoder: str) -> Path:
+    """One cache file per encoder (named by a hash of its name/path)."""
+    return Path(cache_dir) / f"{hashlib.sha256(str(encoder).encode()).hexdigest()[:16]}.pt"
+
+
+def encode_texts(
+    texts: list[str],
+    encoder: str,
+    cache_dir: Path | None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> Tensor:
+    """Embeddings ``[len(texts), d]`` from a sentence-transformers model (a name or a local dir).
+
+    Texts already in the on-disk cache are not re-encoded; the cache is keyed by the
+    encoder and the sha256 of each text, and rewritten atomically when it grows.
+    """
+    cache: dict[str, Tensor] = {}
+    path = encoder_cache_path(cache_dir, encoder) if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("encoder") == str(encoder):
+                cache = dict(zip(saved["keys"], saved["vectors"]))
+        except (RuntimeError, EOFError, KeyError) as e:  # a broken cache is rebuilt, not fatal
+            log.warning("ignoring unreadable embedding cache %s: %s", path, e)
+    keys = [_text_key(t) for t in texts]
+    missing = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items())
+    if missing:
+        from sentence_transformers import SentenceTransformer  # heavy import, only when needed
+
+        model = SentenceTransformer(str(encoder), device=device)
+        log.info("encoding %d new texts with %s (%d cached)", len(missing), encoder, len(keys) - len(missing))
+        vecs = model.encode([t for _, t in missing], batch_size=batch_size, convert_to_tensor=True,
+                            show_progress_bar=len(missing) > 256, normalize_embeddings=True)
+        for (k, _), v in zip(missing, vecs.float().cpu()):
+            cache[k] = v
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            ks = list(cache)
+            torch.save({"encoder": str(encoder), "keys": ks, "vectors": torch.stack([cache[k] for k in ks])}, tmp)
+            tmp.replace(path)
+    return torch.stack([cache[k] for k in keys])
+
+
+def embed_paths(
+    questions: list[str],
+    rationales: list[str],
+    encoder: str,
+    cache_dir: Path | None,
+    device: str = "cpu",
+) -> Tensor:
+    """TA input per path: ``[encode(question); encode(rationale)]``, shape ``[N, 2·d]``."""
+    if len(questions) != len(rationales):
+        raise ValueError(f"{len(questions)} questions for {len(rationales)} rationales")
+    uniq_q = sorted(set(questions))
+    # One call, so the encoder loads at most once.
+    vecs = encode_texts(uniq_q + list(rationales), encoder, cache_dir, device=device)
+    q_vecs, r_vecs = vecs[: len(uniq_q)], vecs[len(uniq_q):]
+    q_index = {q: i for i, q in enumerate(uniq_q)}
+    q_rows = q_vecs[torch.tensor([q_index[q] for q in questions], dtype=torch.long)]
+    return torch.cat([q_rows, r_vecs], dim=-1)

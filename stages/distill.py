@@ -1,0 +1,851 @@
+"""Distil the filtered multi-perspective rationales into the student: MIND and its baselines.
+
+    mind distill --method mind                 # params.yaml's `distill` section
+    mind distill --method uniform              # also: single, mcc
+    mind distill --method mind --no-synergy --run-name mind-no-synergy   # an ablation
+    accelerate launch --config_file configs/accelerate/ddp_gpu.yaml -m stages.app distill --method mind
+
+Reads ``data/filtered/`` (one training unit = one question with its K <= ``max_paths`` kept
+rationales) and the student model, and writes ``data/students/<run_name>/`` (run_name
+defaults to the method): ``adapter/`` (PEFT LoRA adapter; absent for full fine-tuning),
+``merged/`` (HF model dir with tokenizer and chat template; transformers and vLLM load it),
+``ta.pt`` (the Teaching Assistant, ``mind`` only), ``config.json`` (resolved config) and
+``metrics.json`` (written last). Training curves go through dvclive to
+``metrics/distill/<run_name>/``.
+
+The student sees each question through its chat template, with no perspective instruction,
+and learns the rationale, the canonical answer suffix and the end-of-turn token; prompt
+tokens are masked out. Methods share one code path and differ only in how the K paths of a
+question are weighted:
+
+- ``single``  one path per question (SbS-KD), picked once by ``single_rule``; CE only.
+- ``uniform`` every kept path, equal weights; CE only.
+- ``mcc``     uniform + the answer-consistency term (MCC-KD style), weight ``consistency_weight``.
+- ``mind``    the TA's selection ``I`` and weights ``α`` + the consistency term, with
+              Feedback-Driven Inertia Calibration (FDIC): ``ta_warmup_steps`` of TA-only
+              training against the frozen student's per-path losses, then a joint phase in
+              which the TA steps every ``ta_accum_steps`` student micro-batches with
+              ``ta_joint_lr``; per-rationale losses are smoothed by an EMA with ``ema_mu``.
+Ablations are params of ``mind``: ``synergy: false``, ``ema_mu: 0``, ``beta: 0``.
+
+Every method gets the same question stream (same seed, questions per step, steps, learning
+rate): the TA warm-up draws from its own, separate stream, so it does not shift the
+student's data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from pipeline import losses as L
+from pipeline.config import ConfigError, check, from_dict, to_dict
+from pipeline.perspectives import answer_instruction
+from pipeline.shards import atomic_write_json, config_hash, read_rows
+from pipeline.ta import TeachingAssistant, embed_paths
+from stages.cli import field
+
+log = logging.getLogger("mind.distill")
+
+Method = Literal["single", "uniform", "mcc", "mind"]
+REQUIRED_COLUMNS = ("question_id", "teacher", "perspective", "sample_index", "text", "question", "answer_offset")
+# Keys that do not change what is trained: a checkpoint stays valid when only these change.
+_RESUME_NEUTRAL = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "out_root", "live_root",
+                   "embedding_cache", "run_name", "cpu_threads")
+
+
+@dataclass
+class DistillConfig:
+    method: Method = field("mind", help="training method")
+    run_name: str | None = field(None, help="output folder name under out_root (default: the method)")
+    filtered_dir: Path = field(Path("data/filtered"), help="filtered rationale shards")
+    student: str = field("data/models/smollm2-135m-instruct", help="student model: local HF dir or Hub id")
+    encoder: str = field("data/models/all-minilm-l6-v2", help="TA sentence encoder: sentence-transformers dir or name")
+    out_root: Path = field(Path("data/students"), help="output root; the run goes to <out_root>/<run_name>")
+    live_root: Path = field(Path("metrics/distill"), help="dvclive root; curves go to <live_root>/<run_name>")
+    embedding_cache: Path | None = field(Path(".cache/ta_embeddings"), help="TA embedding cache dir (null: no cache)")
+    prompt: str = field("{question}", help="the student's user message: {question} and optionally {answer_instruction} "
+                                          "(never a perspective); evaluate's prompt aligns training with evaluation")
+    # data
+    max_paths: int = field(8, help="K: at most this many paths per question (first ones in perspective order)")
+    max_seq_len: int = field(384, help="paths longer than this (prompt + rationale) are dropped and counted")
+    single_rule: Literal["random", "first", "shortest"] = field(
+        "random", help="single: which path a question keeps (seeded random, first by perspective, fewest tokens)")
+    # optimisation
+    questions_per_step: int = field(2, help="questions per micro-batch per process (all their paths together)")
+    grad_accum: int = field(1, help="student gradient-accumulation micro-batches per optimizer step")
+    max_steps: int = field(8, help="student optimizer steps")
+    max_epochs: float = field(4.0, help="error if max_steps needs more passes over the questions than this")
+    lr: float = field(3e-4, help="student peak learning rate")
+    warmup_ratio: float = field(0.1, help="linear LR warm-up share of max_steps, then cosine decay to 0")
+    weight_decay: float = field(0.0, help="AdamW weight decay (student)")
+    max_grad_norm: float = field(1.0, help="student gradient clipping norm (0: off)")
+    seed: int = field(0, help="seed for data order, single_rule, initialisation and dropout")
+    # student
+    finetune: Literal["lora", "full"] = field("lora", help="LoRA adapters or full fine-tuning")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.05, help="LoRA dropout")
+    lora_target_modules: list[str] = field(
+        help="modules that get LoRA adapters",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_layers: list[int] | None = field(None, help="only these layer indices get adapters (null: all)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="student weight dtype while training")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
+        None, help="accelerate mixed precision (null: from `accelerate launch`/its config, else no)")
+    save_dtype: Literal["float32", "bfloat16", "float16"] = field("bfloat16", help="dtype of the merged model")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
+    force_cpu: bool = field(False, help="train on CPU even when an accelerator is present")
+    cpu_threads: int | None = field(None, help="torch CPU threads per process (null: torch's default)")
+    # losses and TA
+    consistency_weight: float = field(0.5, help="λ: weight of the answer-consistency JSD term (mcc, mind)")
+    beta: float = field(0.3, help="selection threshold β in [0, 1] on TA softmax probabilities (0: keep all)")
+    tau: float = field(1.0, help="τ of the ListNet-KL meta loss")
+    tau_student: float = field(1.0, help="τ_student of the selection probabilities and the weights α")
+    synergy: bool = field(True, help="TA synergy layer (self-attention across a question's paths)")
+    ta_hidden: int = field(256, help="TA hidden size")
+    ta_heads: int = field(4, help="TA synergy attention heads")
+    ta_score_heads: int = field(1, help="TA scoring heads (averaged into one score)")
+    ta_dropout: float = field(0.1, help="TA dropout")
+    ta_lr: float = field(1e-3, help="TA learning rate in the warm-up phase")
+    ta_warmup_steps: int = field(4, help="FDIC warm-up: TA-only steps against the frozen student")
+    ta_joint_lr: float = field(1e-4, help="TA learning rate in the joint phase (much smaller than ta_lr)")
+    ta_accum_steps: int = field(4, help="joint phase: TA optimizer step every this many student micro-batches")
+    ema_mu: float = field(0.9, help="FDIC inertia: L̄ <- μ·L̄ + (1-μ)·L per rationale (0: instantaneous loss)")
+    # robustness and logging
+    checkpoint_every: int = field(4, help="save a resumable checkpoint every N steps (0: never)")
+    keep_checkpoints: bool = field(False, help="keep checkpoints after a successful run")
+    resume: bool = field(True, help="resume from the last checkpoint of an identical config")
+    log_every: int = field(1, help="log a progress line every N steps")
+
+    def __post_init__(self) -> None:
+        check(self.run_name is None or (bool(self.run_name) and "/" not in self.run_name),
+              f"distill.run_name {self.run_name!r} must be a plain folder name")
+        try:
+            self.prompt.format(question="q", answer_instruction="a")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"distill.prompt {self.prompt!r}: only {{question}} and {{answer_instruction}} may be "
+                              f"filled in ({e})") from None
+        check("{question}" in self.prompt, "distill.prompt must contain {question}")
+        check(1 <= self.max_paths <= 64, "distill.max_paths must be in [1, 64]")
+        check(self.max_seq_len >= 16, "distill.max_seq_len must be >= 16")
+        check(self.questions_per_step >= 1, "distill.questions_per_step must be >= 1")
+        check(self.grad_accum >= 1, "distill.grad_accum must be >= 1")
+        check(self.max_steps >= 1, "distill.max_steps must be >= 1")
+        check(self.max_epochs > 0, "distill.max_epochs must be positive")
+        check(self.lr > 0 and self.ta_lr > 0 and self.ta_joint_lr > 0, "distill: learning rates must be positive")
+        check(0.0 <= self.warmup_ratio < 1.0, "distill.warmup_ratio must be in [0, 1)")
+        check(self.max_grad_norm >= 0, "distill.max_grad_norm must be >= 0")
+        check(self.lora_r >= 1 and self.lora_alpha >= 1, "distill: lora_r and lora_alpha must be >= 1")
+        check(0.0 <= self.lora_dropout < 1.0, "distill.lora_dropout must be in [0, 1)")
+        check(bool(self.lora_target_modules), "distill.lora_target_modules must name at least one module")
+        check(self.consistency_weight >= 0, "distill.consistency_weight must be >= 0")
+        check(0.0 <= self.beta <= 1.0, "distill.beta must be in [0, 1]")
+        check(self.tau > 0 and self.tau_student > 0, "distill: tau and tau_student must be positive")
+        check(self.ta_hidden % self.ta_heads == 0, "distill.ta_hidden must be divisible by ta_heads")
+        check(self.ta_score_heads >= 1, "distill.ta_score_heads must be >= 1")
+        check(self.ta_warmup_steps >= 0 and self.ta_accum_steps >= 1, "distill: ta_warmup_steps >= 0, ta_accum_steps >= 1")
+        check(0.0 <= self.ema_mu < 1.0, "distill.ema_mu must be in [0, 1)")
+        check(self.checkpoint_every >= 0 and self.log_every >= 1, "distill: checkpoint_every >= 0, log_every >= 1")
+        check(self.cpu_threads is None or self.cpu_threads >= 1, "distill.cpu_threads must be >= 1 or null")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or self.method
+
+    @property
+    def lam(self) -> float:
+        """λ actually used: the consistency term belongs to mcc and mind only."""
+        return self.consistency_weight if self.method in ("mcc", "mind") else 0.0
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class PathExample:
+    path_id: int  # row in the path table (TA embeddings, EMA losses)
+    key: str  # question_id/teacher/perspective/sample_index: the rationale's identity
+    input_ids: list[int]
+    prompt_len: int  # tokens before the first target token
+    suffix_start: int  # position of the first answer-suffix token in input_ids
+    suffix_ids: list[int]
+
+
+@dataclass
+class QuestionUnit:
+    question_id: str
+    paths: list[PathExample]
+    jsd_len: int  # answer-suffix tokens shared by all paths (aligned from the end)
+
+
+def user_message(template: str, question: str, answer_type: str) -> str:
+    """The student's user turn: the formatted question, no perspective instruction."""
+    fill = {"question": question}
+    if "{answer_instruction}" in template:
+        fill["answer_instruction"] = answer_instruction(answer_type)
+    return template.format(**fill)
+
+
+def chat_parts(tokenizer: Any, user: str) -> tuple[str, str, str]:
+    """(prompt, response_prefix, tail) of the chat template around an assistant reply.
+
+    ``prompt`` is what the student sees at inference (generation prompt included);
+    ``response_prefix`` is any template text between that prompt and the reply when the
+    reply is rendered as history (usually empty); ``tail`` closes the turn (end-of-turn
+    token), which the student must learn in order to stop.
+    """
+    if not tokenizer.chat_template:
+        raise ConfigError("distill: the student tokenizer has no chat template")
+    sentinel = "\uE000MIND_REPLY\uE000"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                           tokenize=False)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": user},
+                                          {"role": "assistant", "content": sentinel}], tokenize=False)
+    if full.count(sentinel) != 1 or not full.startswith(prompt):
+        raise ConfigError("distill: the student's chat template does not render an assistant reply after its "
+                          "generation prompt; cannot build training sequences")
+    pre, tail = full.split(sentinel)
+    return prompt, pre[len(prompt):], tail
+
+
+def common_tail(seqs: list[list[int]]) -> int:
+    """Length of the longest common suffix of several token lists."""
+    n = min(len(s) for s in seqs)
+    m = 0
+    while m < n and all(s[-1 - m] == seqs[0][-1 - m] for s in seqs):
+        m += 1
+    return m
+
+
+def encode_path(tokenizer: Any, prompt_ids: list[int], prefix: str, tail_ids: list[int], text: str,
+                offset: int) -> tuple[list[int], int, list[int]]:
+    """Token ids of prompt + rationale + answer suffix + tail, the suffix tokenized on its own.
+
+    Tokenizing the suffix separately makes it the same token sequence on every path of a
+    question, whatever precedes it, so the consistency term compares aligned tokens. One
+    trailing space of the rationale body moves into the suffix (" The answer is 4.") so a
+    byte-level BPE tokenizes it the way the model writes it.
+    """
+    body, suffix = text[:offset], text[offset:]
+    if body.endswith(" "):
+        body, suffix = body[:-1], " " + suffix
+    body_ids = tokenizer(prefix + body, add_special_tokens=False)["input_ids"] if (prefix + body) else []
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + body_ids + suffix_ids + tail_ids
+    return ids, len(prompt_ids) + len(body_ids), suffix_ids
+
+
+def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], list[dict[str, Any]], dict[str, int]]:
+    """Read the filtered set into question units; returns (units, path rows, counts)."""
+    rows = read_rows(cfg.filtered_dir)
+    counts: dict[str, int] = defaultdict(int)
+    counts["rows_read"] = len(rows)
+    if rows:
+        missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+        if missing:
+            raise ConfigError(f"{cfg.filtered_dir}: missing column(s) {missing}; is this a filtered set?")
+    by_q: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        text, off = r["text"], r["answer_offset"]
+        where = f"{cfg.filtered_dir}: row {i} (question_id {r['question_id']}, perspective {r['perspective']})"
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{where}: field text is empty")
+        if not isinstance(off, int) or not 0 <= off < len(text):
+            raise ConfigError(f"{where}: field answer_offset {off!r} is outside text (length {len(text)})")
+        if not isinstance(r["question"], str) or not r["question"].strip():
+            raise ConfigError(f"{where}: field question is empty")
+        by_q[r["question_id"]].append(r)
+
+    units: list[QuestionUnit] = []
+    path_rows: list[dict[str, Any]] = []
+    rng = random.Random(cfg.seed)
+    for qid in sorted(by_q):
+        # Documented order: perspective, then teacher, then sample index.
+        group = sorted(by_q[qid], key=lambda r: (r["perspective"], r["teacher"], r["sample_index"]))
+        questions = {r["question"] for r in group}
+        if len(questions) != 1:
+            raise ConfigError(f"{cfg.filtered_dir}: question_id {qid} has {len(questions)} different question texts")
+        prompt, prefix, tail = chat_parts(tokenizer, user_message(cfg.prompt, group[0]["question"],
+                                                                  group[0].get("answer_type") or "number"))
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        encoded = []
+        for r in group:
+            ids, s_start, s_ids = encode_path(tokenizer, prompt_ids, prefix, tail_ids, r["text"], r["answer_offset"])
+            if len(ids) > cfg.max_seq_len:
+                counts["paths_too_long"] += 1
+                continue
+            encoded.append((r, ids, s_start, s_ids))
+        if len(encoded) > cfg.max_paths:
+            counts["paths_over_max_paths"] += len(encoded) - cfg.max_paths
+            encoded = encoded[: cfg.max_paths]
+        if not encoded:
+            counts["questions_without_paths"] += 1
+            continue
+        if cfg.method == "single":
+            if cfg.single_rule == "random":
+                pick = rng.randrange(len(encoded))
+            elif cfg.single_rule == "first":
+                pick = 0
+            else:
+                pick = min(range(len(encoded)), key=lambda i: len(encoded[i][1]))
+            counts["paths_unused_by_single"] += len(encoded) - 1
+            encoded = [encoded[pick]]
+        paths = []
+        for r, ids, s_start, s_ids in encoded:
+            key = f"{qid}/{r['teacher']}/{r['perspective']}/{r['sample_index']}"
+            paths.append(PathExample(len(path_rows), key, ids, len(prompt_ids), s_start, s_ids))
+            path_rows.append({"key": key, "question": r["question"], "text": r["text"]})
+        units.append(QuestionUnit(qid, paths, common_tail([p.suffix_ids for p in paths])))
+    counts["questions"] = len(units)
+    counts["paths"] = len(path_rows)
+    return units, path_rows, dict(counts)
+
+
+def question_stream(n: int, seed: int, pos: int, count: int) -> list[int]:
+    """Questions at global positions ``pos .. pos+count-1`` of a seeded epoch-by-epoch shuffle."""
+    out = []
+    perms: dict[int, list[int]] = {}
+    for p in range(pos, pos + count):
+        epoch = p // n
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(perms[epoch][p % n])
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # [P, T]
+    attention_mask: Tensor  # [P, T]
+    labels: Tensor  # [P, T], IGNORE_INDEX outside the targets
+    start: int  # first input position whose logits are kept
+    grid: Tensor  # [Q, K] index into the P paths, -1 for padding
+    mask: Tensor  # [Q, K]
+    path_ids: Tensor  # [Q, K] global path ids, -1 for padding
+    jsd_pos: list[Tensor]  # per question: [K_q, M_q] input positions of the shared suffix tokens
+    tokens: int  # target tokens in the batch
+
+
+def collate(units: list[QuestionUnit], pad_id: int, k_max: int) -> Batch:
+    paths = [p for u in units for p in u.paths]
+    T = max(len(p.input_ids) for p in paths)
+    P, Q = len(paths), len(units)
+    input_ids = torch.full((P, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((P, T), dtype=torch.long)
+    labels = torch.full((P, T), L.IGNORE_INDEX, dtype=torch.long)
+    grid = torch.full((Q, k_max), -1, dtype=torch.long)
+    path_ids = torch.full((Q, k_max), -1, dtype=torch.long)
+    jsd_pos = []
+    i = 0
+    for q, u in enumerate(units):
+        pos = []
+        for k, p in enumerate(u.paths):
+            n = len(p.input_ids)
+            input_ids[i, :n] = torch.tensor(p.input_ids)
+            attention_mask[i, :n] = 1
+            labels[i, p.prompt_len:n] = input_ids[i, p.prompt_len:n]
+            grid[q, k] = i
+            path_ids[q, k] = p.path_id
+            end = p.suffix_start + len(p.suffix_ids)
+            pos.append(list(range(end - u.jsd_len, end)))
+            i += 1
+        jsd_pos.append(torch.tensor(pos, dtype=torch.long).view(len(u.paths), u.jsd_len))
+    start = min(p.prompt_len for p in paths) - 1
+    return Batch(input_ids, attention_mask, labels, start, grid, grid >= 0, path_ids, jsd_pos,
+                 int((labels != L.IGNORE_INDEX).sum()))
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_student(cfg: DistillConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
+    model.config.use_cache = False
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_target_modules), layers_to_transform=cfg.lora_layers,
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def forward_losses(model: Any, batch: Batch, device: torch.device,
+                   jsd_mode: Literal["off", "grad", "log"]) -> tuple[Tensor, list[Tensor] | None]:
+    """Per-path CE ``[P]`` and one ``[K_q, K_q]`` suffix-JSD matrix per question (None when
+    ``jsd_mode`` is off; computed without gradient when it is ``log``)."""
+    ids = batch.input_ids.to(device)
+    T = ids.shape[1]
+    out = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), logits_to_keep=T - batch.start)
+    logits = out.logits  # [P, T - start, V]; logits[:, j] predicts input position start + j + 1
+    ce = L.path_token_ce(logits[:, :-1], batch.labels[:, batch.start + 1:].to(device))
+    if jsd_mode == "off":
+        return ce, None
+    if jsd_mode == "log":
+        logits = logits.detach()
+    mats = []
+    for q, pos in enumerate(batch.jsd_pos):
+        rows = batch.grid[q][batch.mask[q]].to(device)
+        if pos.shape[0] < 2 or pos.shape[1] == 0:
+            mats.append(ce.new_zeros(pos.shape[0], pos.shape[0]))
+            continue
+        idx = (pos - 1 - batch.start).to(device)  # logits index that predicts each suffix token
+        lp = torch.log_softmax(logits[rows[:, None], idx].float(), dim=-1)  # [K_q, M_q, V]
+        mats.append(L.pairwise_jsd(lp))
+    return ce, mats
+
+
+def to_grid(values: Tensor, batch: Batch) -> Tensor:
+    """``[P]`` per-path values -> ``[Q, K]`` (padding slots 0)."""
+    g = values.new_zeros(batch.grid.shape)
+    m = batch.mask.to(values.device)
+    g[m] = values[batch.grid.to(values.device)[m]]
+    return g
+
+
+# ---------------------------------------------------------------- FDIC
+
+
+@dataclass
+class Fdic:
+    """MIND's Teaching Assistant state: the TA, its own optimiser, the cached path embeddings
+    and the inertia-filtered loss table L̄ (one entry per rationale, NaN until first seen).
+    Every process holds a full, identical copy; the TA is not wrapped by accelerate."""
+
+    ta: TeachingAssistant
+    opt: torch.optim.Optimizer
+    emb: Tensor  # [paths, 2·d]
+    ema: Tensor  # [paths]
+
+    def scores(self, batch: Batch, train: bool) -> Tensor:
+        self.ta.train(train)
+        dev = self.emb.device
+        return self.ta(self.emb[batch.path_ids.clamp_min(0).to(dev)], batch.mask.to(dev))
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+
+def build_fdic(cfg: DistillConfig, path_rows: list[dict[str, Any]], device: torch.device, cache: Path | None) -> Fdic:
+    emb = embed_paths([r["question"] for r in path_rows], [r["text"] for r in path_rows], cfg.encoder, cache,
+                      device=str(device) if device.type == "cuda" else "cpu")
+    ta = TeachingAssistant(emb.shape[1], cfg.ta_hidden, cfg.ta_heads, cfg.synergy, cfg.ta_score_heads,
+                           cfg.ta_dropout).to(device)
+    return Fdic(ta, torch.optim.AdamW(ta.parameters(), lr=cfg.ta_lr), emb.to(device),
+                torch.full((len(path_rows),), float("nan"), device=device))
+
+
+def update_ema(accelerator: Any, fdic: Fdic, batch: Batch, ce: Tensor, mu: float, slots: int) -> Tensor:
+    """``L̄ <- μ·L̄ + (1-μ)·L`` for every path any process saw in this micro-batch (gathered, so
+    all copies of the table stay identical); returns this process's ``[Q, K]`` grid of L̄."""
+    device = fdic.ema.device
+    mask = batch.mask.to(device)
+    ids = torch.full((slots,), -1, dtype=torch.long, device=device)
+    vals = torch.zeros(slots, device=device)
+    local = batch.path_ids.to(device)[mask]
+    ids[: len(local)] = local
+    vals[: len(local)] = to_grid(ce.detach().float(), batch)[mask]
+    ids, vals = accelerator.gather(ids), accelerator.gather(vals)
+    seen = ids >= 0
+    ids, vals = ids[seen], vals[seen]
+    old = fdic.ema[ids]
+    fdic.ema[ids] = torch.where(torch.isnan(old), vals, mu * old + (1 - mu) * vals)  # first visit: L̄ = L
+    grid = torch.zeros(batch.grid.shape, device=device)
+    grid[mask] = fdic.ema[batch.path_ids.to(device)[mask]]
+    return grid
+
+
+def step_ta(accelerator: Any, fdic: Fdic) -> None:
+    """Average the TA's gradients over processes, then step and clear them."""
+    if accelerator.num_processes > 1:
+        for p in fdic.ta.parameters():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, "mean")
+    fdic.opt.step()
+    fdic.opt.zero_grad()
+
+
+def micro_losses(cfg: DistillConfig, model: Any, batch: Batch, device: torch.device, fdic: Fdic | None,
+                 accelerator: Any) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+    """One micro-batch of the joint phase: (student loss, TA meta loss or None, logged figures)."""
+    mask = batch.mask.to(device)
+    # uniform computes the JSD too, without gradient, so every multi-path method logs it.
+    jsd_mode = "off" if cfg.method == "single" else ("grad" if cfg.lam > 0 else "log")
+    ce, mats = forward_losses(model, batch, device, jsd_mode)  # type: ignore[arg-type]
+    stats: dict[str, float] = {}
+    meta = None
+    if fdic is not None:
+        target = update_ema(accelerator, fdic, batch, ce, cfg.ema_mu, cfg.questions_per_step * cfg.max_paths)
+        with torch.no_grad():  # α comes from the TA without dropout; the meta loss trains it with
+            s = fdic.scores(batch, train=False)
+        selected = L.select_paths(s, mask, cfg.beta, cfg.tau_student)
+        alpha = L.path_weights(s, selected, cfg.tau_student)
+        meta = L.listnet_kl(fdic.scores(batch, train=True), target, mask, cfg.tau)
+        stats["meta_loss"] = meta.item()
+        stats["spearman"] = L.mean_question_spearman(s, -target, mask)
+    else:
+        selected = mask
+        alpha = mask.float() if cfg.method == "single" else L.uniform_weights(mask)
+    loss, wce, cons = L.student_loss(to_grid(ce, batch), alpha, mats if cfg.lam > 0 else None, cfg.lam)
+    if mats is not None:
+        if cfg.lam == 0:
+            cons = torch.stack([L.consistency_term(m, a[: m.shape[0]]) for m, a in zip(mats, alpha)]).mean()
+        stats["jsd"] = cons.item()
+    stats.update(loss=loss.item(), ce=wce.item(), ce_mean=float(ce.detach().mean()),
+                 mean_selected=float(selected.sum(dim=-1).float().mean()), alpha_entropy=float(L.alpha_entropy(alpha)))
+    return loss, meta, stats
+
+
+# ---------------------------------------------------------------- training
+
+
+class NonFiniteLoss(ValueError):
+    """A loss or gradient became NaN/inf; training stops, the last checkpoint stays intact."""
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def checkpoint_dirs(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (final names only), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / "trainer_state.pt").exists())
+
+
+def resume_hash(cfg: DistillConfig) -> str:
+    """Hash of everything that shapes training (a round trip through from_dict normalises types)."""
+    d = to_dict(from_dict(DistillConfig, to_dict(cfg)))
+    for k in _RESUME_NEUTRAL:
+        d.pop(k, None)
+    return config_hash(d)
+
+
+def check_finite(accelerator: Any, values: dict[str, Tensor | float | None], step: int, ckpt_root: Path,
+                 name: str) -> None:
+    """Stop every process together when any of them sees a NaN/inf."""
+    floats = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items() if v is not None}
+    bad = [k for k, v in floats.items() if not math.isfinite(v)]
+    flag = accelerator.reduce(torch.tensor(float(bool(bad)), device=accelerator.device), "sum")
+    if float(flag) > 0:
+        last = checkpoint_dirs(ckpt_root)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        what = ", ".join(f"{k} = {floats[k]}" for k in bad) or "a value on another process"
+        raise NonFiniteLoss(f"distill {name}: non-finite {what} at step {step}; training stopped, {where}. "
+                            "Lower lr, check the filtered data, or train in float32.")
+
+
+def save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
+    """accelerate's state (model/optimizer/RNG) + ours, under a temp name renamed when complete;
+    older checkpoints are removed."""
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(ckpt_root)[:-1]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def reduce_record(accelerator: Any, acc: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each figure over micro-batches, then over processes (NaNs skipped)."""
+    rec = {}
+    for k in sorted(acc):
+        vals = [x for x in acc[k] if not math.isnan(x)]
+        local = torch.tensor([sum(vals), float(len(vals))], device=accelerator.device, dtype=torch.float64)
+        total = accelerator.reduce(local, "sum")
+        rec[k] = float(total[0] / total[1]) if float(total[1]) > 0 else float("nan")
+    return rec
+
+
+def run(cfg: DistillConfig) -> dict[str, Any]:
+    """Train one student (method, ablation) on the filtered set and save adapter, merged model, TA and metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm import tqdm
+
+    t_start = time.time()
+    accelerator = Accelerator(cpu=cfg.force_cpu or not torch.accelerator.is_available(),
+                              gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    say = log.info if main else log.debug  # one log line per event, not one per process
+    out_dir, live_dir = cfg.out_root / cfg.name, cfg.live_root / cfg.name
+    ckpt_root = out_dir / "checkpoints"
+    set_seed(cfg.seed)
+
+    # ---- data and student
+    model, tokenizer = load_student(cfg)
+    units, path_rows, counts = load_units(cfg, tokenizer)
+    n, per_step = len(units), cfg.questions_per_step * world
+    visits = cfg.max_steps * cfg.grad_accum * per_step
+    if n < per_step:
+        raise ConfigError(f"distill: {n} usable questions in {cfg.filtered_dir}, but one step needs "
+                          f"{cfg.questions_per_step} questions/step x {world} processes = {per_step}")
+    if visits > cfg.max_epochs * n:
+        raise ConfigError(
+            f"distill: too few questions for the configured steps: {n} usable questions in {cfg.filtered_dir}, but "
+            f"{cfg.max_steps} steps x {cfg.grad_accum} accumulation x {cfg.questions_per_step} questions/step x "
+            f"{world} processes = {visits} question visits = {visits / n:.1f} epochs > max_epochs "
+            f"{cfg.max_epochs:g}; lower max_steps, raise max_epochs, or filter less strictly")
+    say("%s: %d questions, %d paths (K mean %.2f, max %d) from %d rows; dropped: %s; %d process(es) on %s (%s)",
+        cfg.name, n, counts["paths"], counts["paths"] / n, max(len(u.paths) for u in units), counts["rows_read"],
+        {k: v for k, v in counts.items() if k not in ("rows_read", "questions", "paths")} or "none", world, device,
+        accelerator.state.backend or "single process")
+    fdic = build_fdic(cfg, path_rows, device, cfg.embedding_cache if main else None) if cfg.method == "mind" else None
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(round(cfg.warmup_ratio * cfg.max_steps),
+                                                                       cfg.max_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.finetune == "lora" and not sharded:
+        names = {k for k, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+        def only_adapter(_models: list[Any], weights: list[dict[str, Any]], _dir: str) -> None:
+            # A LoRA checkpoint needs the adapter, not another copy of the frozen base model.
+            for w in weights:
+                for k in [k for k in w if k.removeprefix("module.") not in names]:
+                    del w[k]
+
+        accelerator.register_save_state_pre_hook(only_adapter)
+
+    # ---- resume from the last checkpoint of the same config, else start clean
+    step = warm_done = 0
+    resumed_from = None
+    rh = resume_hash(cfg)
+    ckpts = checkpoint_dirs(ckpt_root) if cfg.resume else []
+    if ckpts:
+        state = torch.load(ckpts[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["resume_hash"] == rh:
+            accelerator.load_state(str(ckpts[-1]), **({} if sharded else {"strict": False}))
+            step, warm_done = state["step"], state["warm_done"]
+            scheduler.load_state_dict(state["scheduler"])
+            if fdic is not None:
+                fdic.ta.load_state_dict(state["ta"])
+                fdic.opt.load_state_dict(state["ta_opt"])
+                fdic.ema.copy_(state["ema"].to(device))
+            resumed_from = step
+            say("%s: resumed from %s (step %d)", cfg.name, ckpts[-1], step)
+        else:
+            say("%s: checkpoint %s belongs to another config; starting fresh", cfg.name, ckpts[-1])
+    accelerator.wait_for_everyone()
+    if main and resumed_from is None:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run owns its folder: nothing stale survives
+    accelerator.wait_for_everyone()
+    live = None
+    if main:
+        from dvclive import Live
+
+        live = Live(str(live_dir), resume=resumed_from is not None, save_dvc_exp=False, dvcyaml=None)
+        live.step = step
+
+    def batch_at(stream_seed: int, micro: int) -> Batch:
+        """This process's share of global micro-batch ``micro`` of a seeded question stream."""
+        pos = micro * per_step + accelerator.process_index * cfg.questions_per_step
+        idx = question_stream(n, stream_seed, pos, cfg.questions_per_step)
+        return collate([units[i] for i in idx], tokenizer.pad_token_id, cfg.max_paths)
+
+    def trainer_state() -> dict[str, Any]:
+        return {"resume_hash": rh, "step": step, "warm_done": warm_done, "scheduler": scheduler.state_dict(),
+                "ta": fdic.ta.state_dict() if fdic else None, "ta_opt": fdic.opt.state_dict() if fdic else None,
+                "ema": fdic.ema.cpu() if fdic else None}
+
+    # ---- FDIC phase 1: the TA learns alone against the frozen student's per-path losses.
+    # Its questions come from a separate stream, so the student's stream is the same for every method.
+    warm_curve: list[dict[str, float]] = []
+    if fdic is not None:
+        model.eval()
+        for w in range(warm_done, cfg.ta_warmup_steps):
+            batch = batch_at(cfg.seed + 7919, w)
+            with torch.no_grad():
+                ce, _ = forward_losses(model, batch, device, "off")
+            target = update_ema(accelerator, fdic, batch, ce, cfg.ema_mu, cfg.questions_per_step * cfg.max_paths)
+            meta = L.listnet_kl(fdic.scores(batch, train=True), target, batch.mask.to(device), cfg.tau)
+            check_finite(accelerator, {"TA meta loss": meta}, -cfg.ta_warmup_steps + w, ckpt_root, cfg.name)
+            meta.backward()
+            step_ta(accelerator, fdic)
+            with torch.no_grad():
+                rho = L.mean_question_spearman(fdic.scores(batch, train=False), -target, batch.mask.to(device))
+            warm_curve.append(reduce_record(accelerator, {"meta_loss": [meta.item()], "spearman": [rho]}))
+            warm_done = w + 1
+            say("%s: TA warm-up %d/%d: meta loss %.4f, Spearman(s, -L̄) %.3f", cfg.name, warm_done,
+                cfg.ta_warmup_steps, warm_curve[-1]["meta_loss"], warm_curve[-1]["spearman"])
+        fdic.set_lr(cfg.ta_joint_lr)
+
+    # ---- joint phase: the student trains; the TA follows with a smaller LR and a wider window.
+    model.train()
+    history: list[dict[str, float]] = []
+    tokens = 0
+    t_train = time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill {cfg.name}", unit="step", disable=not main)
+    ta_micro = 0
+    while step < cfg.max_steps:
+        acc: dict[str, list[float]] = defaultdict(list)
+        for a in range(cfg.grad_accum):
+            batch = batch_at(cfg.seed, step * cfg.grad_accum + a)
+            tokens += batch.tokens
+            with accelerator.accumulate(model):
+                loss, meta, stats = micro_losses(cfg, model, batch, device, fdic, accelerator)
+                check_finite(accelerator, {"loss": loss, "TA meta loss": meta}, step, ckpt_root, cfg.name)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # all parameters: FSDP's own clipping only engages for the model's full parameter list
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                    check_finite(accelerator, {"gradient norm": norm}, step, ckpt_root, cfg.name)
+                optimizer.step()
+                optimizer.zero_grad()
+            if fdic is not None and meta is not None:
+                (meta / cfg.ta_accum_steps).backward()
+                ta_micro += 1
+                if ta_micro % cfg.ta_accum_steps == 0:
+                    step_ta(accelerator, fdic)
+            for k, v in stats.items():
+                acc[k].append(v)
+        scheduler.step()
+        step += 1
+        rec = reduce_record(accelerator, acc)
+        rec["lr"] = scheduler.get_last_lr()[0]
+        history.append(rec)
+        bar.update(1)
+        if live is not None:
+            for k, v in rec.items():
+                if not math.isnan(v):
+                    live.log_metric(f"train/{k}", v)
+            live.next_step()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", ce=f"{rec['ce']:.4f}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            say("%s: checkpoint %s", cfg.name, save_checkpoint(accelerator, ckpt_root, step, trainer_state()))
+    bar.close()
+    train_s = time.time() - t_train
+    tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum"))
+
+    # ---- outputs (metrics.json last: it marks the run complete)
+    save_outputs(cfg, accelerator, model, tokenizer, fdic, out_dir)
+    if main:
+        tail = history[-max(1, len(history) // 4):]
+
+        def final(key: str) -> float | None:
+            vals = [h[key] for h in tail if key in h and not math.isnan(h[key])]
+            return sum(vals) / len(vals) if vals else None
+
+        metrics = {
+            "method": cfg.method, "run_name": cfg.name, "steps": step, "resumed_from_step": resumed_from,
+            "processes": world, "questions": n, "paths": counts["paths"], "data_counts": counts,
+            "first_loss": history[0]["loss"] if history else None,
+            **{f"final_{k}": final(k) for k in ("loss", "ce", "ce_mean", "jsd", "meta_loss", "spearman",
+                                                  "mean_selected", "alpha_entropy")},
+            "ta_warmup": warm_curve, "train_seconds": round(train_s, 2), "total_seconds": round(time.time() - t_start, 2),
+            "train_tokens": tokens, "tokens_per_second": round(tokens / train_s, 1) if train_s > 0 else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+            "history": history,
+        }
+        atomic_write_json(out_dir / "config.json", {"stage": "distill", **to_dict(cfg)})
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        live.end()  # type: ignore[union-attr]
+        say("%s: %d steps in %.1fs (%.0f target tokens/s), loss %.4f -> %.4f; wrote %s", cfg.name, step, train_s,
+            metrics["tokens_per_second"] or 0.0, metrics["first_loss"] or float("nan"),
+            metrics["final_loss"] or float("nan"), out_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"out_dir": str(out_dir), "steps": step, "resumed_from_step": resumed_from}
+
+
+def save_outputs(cfg: DistillConfig, accelerator: Any, model: Any, tokenizer: Any, fdic: Fdic | None,
+                 out_dir: Path) -> None:
+    """adapter/ (LoRA), merged/ (always) and ta.pt (mind), each written under a temp name, then renamed."""
+    from transformers import AutoModelForCausalLM
+
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # every process: gathers FSDP/DeepSpeed shards
+    if not accelerator.is_main_process:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # rewritten last by run()
+    unwrapped = accelerator.unwrap_model(model)
+    save_dtype = getattr(torch, cfg.save_dtype)
+
+    def place(tmp: Path, final: Path) -> None:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    merged_tmp = out_dir / ".merged.tmp"
+    shutil.rmtree(merged_tmp, ignore_errors=True)
+    if cfg.finetune == "lora":
+        from peft import PeftModel
+
+        adapter_tmp = out_dir / ".adapter.tmp"
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        unwrapped.save_pretrained(str(adapter_tmp), state_dict=state)
+        # Merge into a fresh float32 copy of the base weights, whatever sharding trained the adapter.
+        base = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(adapter_tmp)).merge_and_unload()
+        merged.to(save_dtype).save_pretrained(str(merged_tmp))
+        place(adapter_tmp, out_dir / "adapter")
+    else:
+        unwrapped.save_pretrained(str(merged_tmp), state_dict={
+            k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()})
+        # config.json must state the saved dtype (vLLM and dtype="auto" read it), not the training one.
+        config_path = merged_tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = cfg.save_dtype
+        atomic_write_json(config_path, config)
+    tokenizer.save_pretrained(str(merged_tmp))  # includes the chat template
+    generation_config = Path(cfg.student) / "generation_config.json"
+    if generation_config.exists():
+        shutil.copy(generation_config, merged_tmp / "generation_config.json")
+    place(merged_tmp, out_dir / "merged")
+    if fdic is not None:
+        tmp = out_dir / ".ta.pt.tmp"
+        torch.save({"state_dict": fdic.ta.state_dict(), "ema": fdic.ema.cpu(), "encoder": cfg.encoder, "config": {
+            "embed_dim": fdic.emb.shape[1], "hidden_dim": cfg.ta_hidden, "num_heads": cfg.ta_heads,
+            "synergy": cfg.synergy, "score_heads": cfg.ta_score_heads, "dropout": cfg.ta_dropout}}, tmp)
+        os.replace(tmp, out_dir / "ta.pt")

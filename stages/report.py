@@ -1,0 +1,214 @@
+"""Build the comparison report from whatever evaluate metrics files exist.
+
+    mind report                       # params.yaml's `report` section
+    mind report --base base --metrics-dir metrics/eval
+
+Reads every ``metrics/eval/<model>.json`` written by ``mind evaluate`` and writes:
+
+- ``reports/summary.md``: a models x datasets table of accuracy with 95% Wilson intervals,
+  the in-distribution (ID) and out-of-distribution (OOD) averages, and their change (Δ, in
+  points) against the base student; a per-dataset Δ table; the strict/flexible answer
+  matching split for numeric datasets. A negative OOD Δ means the distilled student forgot
+  something the base student could do.
+- ``reports/accuracy.png``: grouped bars (one group per dataset plus the ID/OOD averages,
+  one bar per model) with the Wilson intervals as error bars; a DVC plot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import check, to_dict
+from pipeline.metrics import GROUPS, read_model_metrics
+from pipeline.shards import atomic_write_bytes, atomic_write_text
+from stages.cli import field
+
+log = logging.getLogger("mind.report")
+
+GROUP_LABEL = {"id": "ID", "ood": "OOD"}
+
+
+@dataclass
+class ReportConfig:
+    metrics_dir: Path = field(Path("metrics/eval"), help="folder of evaluate metrics files, one <model>.json per model")
+    base: str = field("base", help="the model every other one is compared against (Δ columns)")
+    order: list[str] = field(help="row order of the models; models not listed follow alphabetically",
+                             factory=lambda: ["base", "single", "uniform", "mcc", "mind"])
+    summary: Path = field(Path("reports/summary.md"), help="the Markdown report")
+    plot: Path = field(Path("reports/accuracy.png"), help="the bar chart (PNG)")
+
+    def __post_init__(self) -> None:
+        check(self.summary.suffix == ".md", f"report.summary must be a .md file, got {self.summary}")
+        check(self.plot.suffix == ".png", f"report.plot must be a .png file, got {self.plot}")
+
+
+def load_all(cfg: ReportConfig) -> dict[str, dict[str, Any]]:
+    """Every model's metrics, in report order."""
+    if not cfg.metrics_dir.is_dir():
+        raise FileNotFoundError(f"{cfg.metrics_dir}: no metrics folder (run `mind evaluate` first)")
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(cfg.metrics_dir.glob("*.json")):
+        found[path.stem] = read_model_metrics(path)
+        log.info("read %s", path)
+    if not found:
+        raise FileNotFoundError(f"{cfg.metrics_dir}: no evaluate metrics files (run `mind evaluate` first)")
+    names = [m for m in cfg.order if m in found] + sorted(m for m in found if m not in cfg.order)
+    return {m: found[m] for m in names}
+
+
+def dataset_columns(all_metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(group, dataset) columns: ID datasets first, each in order of first appearance."""
+    cols: list[tuple[str, str]] = []
+    for g in GROUPS:
+        for m in all_metrics.values():
+            for name in m[g]:
+                if (g, name) not in cols:
+                    cols.append((g, name))
+    return cols
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def signed_points(x: float) -> str:
+    points = round(100 * x, 1) + 0.0  # + 0.0 turns -0.0 (float noise around a tie) into 0.0
+    return f"{points:+.1f}"
+
+
+def cell(m: dict[str, Any], show_n: bool) -> str:
+    text = f"{pct(m['accuracy'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}]"
+    return f"{text} (n={m['n']})" if show_n else text
+
+
+def summary_markdown(all_metrics: dict[str, dict[str, Any]], base: str) -> str:
+    """The report text: accuracy table with CIs and averages, Δ tables, strict/flexible split."""
+    cols = dataset_columns(all_metrics)
+    has_base = base in all_metrics
+    lines = [
+        "# Evaluation summary",
+        "",
+        "Accuracy in % with the 95% Wilson interval in brackets. ID = in-distribution, "
+        "OOD = out-of-distribution; the averages are unweighted means over each group's datasets. "
+        f"Δ = change against `{base}` in points; a negative OOD Δ is forgetting.",
+        "",
+    ]
+    if not has_base:
+        lines += [f"No metrics for the base model `{base}`: the Δ columns are empty.", ""]
+
+    header = ["model"]
+    show_n: dict[tuple[str, str], bool] = {}
+    for g, name in cols:
+        ns = {m[g][name]["n"] for m in all_metrics.values() if name in m[g]}
+        show_n[(g, name)] = len(ns) > 1  # the same n everywhere goes in the header
+        header.append(f"{name} ({GROUP_LABEL[g]}" + (f", n={ns.pop()})" if len(ns) == 1 else ")"))
+    header += ["ID avg", "Δ ID", "OOD avg", "Δ OOD"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base_avg = all_metrics[base]["avg"] if has_base else {}
+    for model, m in all_metrics.items():
+        row = [f"`{model}`"]
+        for g, name in cols:
+            row.append(cell(m[g][name], show_n[(g, name)]) if name in m[g] else "–")
+        for g in GROUPS:
+            avg = m["avg"].get(g)
+            row.append(pct(avg) if avg is not None else "–")
+            if avg is None or g not in base_avg or model == base:
+                row.append("–")
+            else:
+                row.append(signed_points(avg - base_avg[g]))
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+    if has_base and len(all_metrics) > 1:
+        lines += [f"## Δ against `{base}` per dataset (points)", ""]
+        head = ["model"] + [f"{name} ({GROUP_LABEL[g]})" for g, name in cols]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        b = all_metrics[base]
+        for model, m in all_metrics.items():
+            if model == base:
+                continue
+            row = [f"`{model}`"]
+            for g, name in cols:
+                ok = name in m[g] and name in b[g]
+                row.append(signed_points(m[g][name]["accuracy"] - b[g][name]["accuracy"]) if ok else "–")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+
+    numeric = [(g, name) for g, name in cols
+               if any("strict_accuracy" in m[g].get(name, {}) for m in all_metrics.values())]
+    if numeric:
+        lines += [
+            "## Numeric answers: strict / flexible matching (%)",
+            "",
+            "strict: the final `The answer is X` sentence only (lm-eval strict-match); flexible: the "
+            "last number in the output (lm-eval flexible-extract); answered: outputs with any "
+            "extractable answer.",
+            "",
+        ]
+        head = ["model"] + [f"{name} strict / flexible / answered" for _, name in numeric]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for model, m in all_metrics.items():
+            row = [f"`{model}`"]
+            for g, name in numeric:
+                d = m[g].get(name)
+                if d is None or "strict_accuracy" not in d:
+                    row.append("–")
+                else:
+                    row.append(f"{pct(d['strict_accuracy'])} / {pct(d['flexible_accuracy'])} / {pct(d['answered'])}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def accuracy_png(all_metrics: dict[str, dict[str, Any]]) -> bytes:
+    """Grouped bar chart with Wilson error bars, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    cols = dataset_columns(all_metrics)
+    labels = [f"{name}\n({GROUP_LABEL[g]})" for g, name in cols] + ["ID avg", "OOD avg"]
+    models = list(all_metrics)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(models)) * 0.45), 4.5))
+    for i, model in enumerate(models):
+        m = all_metrics[model]
+        xs, ys, lo, hi = [], [], [], []
+        for j, (g, name) in enumerate(cols):
+            if name in m[g]:
+                d = m[g][name]
+                xs.append(j + (i - (len(models) - 1) / 2) * width)
+                ys.append(100 * d["accuracy"])
+                lo.append(100 * (d["accuracy"] - d["ci_low"]))
+                hi.append(100 * (d["ci_high"] - d["accuracy"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=model, color=f"C{i % 10}")
+        avg_x = [len(cols) + k + (i - (len(models) - 1) / 2) * width for k, g in enumerate(GROUPS) if g in m["avg"]]
+        avg_y = [100 * m["avg"][g] for g in GROUPS if g in m["avg"]]
+        ax.bar(avg_x, avg_y, width, color=f"C{i % 10}", hatch="//")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy with 95% Wilson intervals")
+    ax.legend(fontsize=8, ncols=min(len(models), 5))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run(cfg: ReportConfig) -> dict[str, Any]:
+    """Rebuild reports/summary.md and reports/accuracy.png from the metrics files."""
+    all_metrics = load_all(cfg)
+    text = summary_markdown(all_metrics, cfg.base)
+    config_note = "\n".join(f"- `{k}`: `{v}`" for k, v in to_dict(cfg).items())
+    atomic_write_text(cfg.summary, f"{text}\nReport config:\n\n{config_note}\n")
+    atomic_write_bytes(cfg.plot, accuracy_png(all_metrics))
+    log.info("wrote %s and %s (%d models: %s)", cfg.summary, cfg.plot, len(all_metrics), ", ".join(all_metrics))
+    return all_metrics

@@ -1,0 +1,303 @@
+"""Answer extraction, judging and the canonical answer sentence (pipeline/answers.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline.answers import (
+    GSM8K_COT_STRICT_RE,
+    answer_suffix,
+    canonicalise_answer,
+    extract_answer,
+    extract_choice,
+    extract_math,
+    extract_number,
+    extract_yesno,
+    format_number,
+    gsm8k_flexible_extract,
+    gsm8k_strict_match,
+    is_correct,
+    lm_eval_exact_match,
+    normalise_text,
+    parse_number,
+    repeated_ngram_share,
+)
+
+# ---------------------------------------------------------------- extraction table
+
+NUMBER_CASES = [
+    ("The answer is $1,250.00.", "1250"),
+    ("-3", "-3"),
+    ("3/4", "0.75"),
+    ("The answer is 42.", "42"),
+    ("42", "42"),
+    ("She has 5 apples and buys 3 more, so 5 + 3 = 8. The answer is 8.", "8"),
+    ("First 12, then 7, finally 30 apples.", "30"),  # several numbers, no answer sentence: the last
+    ("The answer is 8. Check: 8 - 3 = 5 and 5 + 3 = 8, 100% sure.", "8"),  # answer sentence beats last number
+    ("The answer is 5 + 3 = 8.", "8"),  # the value after "=" in the answer sentence
+    ("The answer is -7.", "-7"),
+    ("The answer is 3.5 km.", "3.5"),
+    ("The answer is 0.50.", "0.5"),
+    ("It costs $4.", "4"),
+    ("The discount is 25%.", "25"),
+    ("The answer is 1,000,000.", "1000000"),
+    ("The answer is seven.", "7"),
+    ("The final answer is: **12** apples", "12"),
+    ("#### 1,234", "1234"),
+    ("Answer: 15", "15"),
+    ("x = 5-3 = 2", "2"),  # "-3" glued to "5" is a subtraction, not a negative number
+    ("Temperature fell to -4 degrees.", "-4"),
+    ("Final Answer: 1/3", "1/3"),
+    ("The answer is 12/3.", "4"),
+    ("She has 2 boxes with 3 pens in each, 2 x 3 = 6 pens.", "6"),
+    ("The answer is:\n17", "17"),
+    ("I am not sure how many.", None),
+    ("", None),
+    ("The answer is 9.\n\nThe answer is 10.", "10"),  # the last answer sentence wins
+    ("The answer is unknown. She has 6.", "6"),  # an answer sentence without a number falls back
+    ("The answer is X because Tina has 10 balloons.", None),  # the prompt's placeholder: no answer
+    ("So the answer is indeed X, but 2*1 + 1 = X + 2.", None),
+    ("Tina has 8 left. The answer is 8.\nThe answer is X.", "8"),  # an earlier answer sentence still counts
+    ("The answer is x = 5 - 2 = 3.", "3"),
+]
+
+CHOICES = ["bank", "park", "library", "pet store", "store"]
+CHOICE_CASES = [
+    ("(C) library", "C"),
+    ("The answer is (C).", "C"),
+    ("The answer is C.", "C"),
+    ("The answer is: E", "E"),
+    ("The answer is library.", "C"),  # option text instead of the letter
+    ("The answer is A library.", "C"),  # "A" is an article here
+    ("The answer is A.", "A"),
+    ("C", "C"),
+    ("B) park", "B"),
+    ("I think the answer is B) park, not (A) bank.", "B"),
+    ("Option D is right.", "D"),
+    ("People buy pets at a pet store.", "D"),  # the longer option beats "store"
+    ("Books are kept in a library.", "C"),
+    ("Looking at (A) bank and (B) park, I pick (C).", "C"),  # the last letter when no answer sentence
+    ("It is hard to say.", None),
+]
+
+YESNO_CASES = [
+    ("Yes, because penguins cannot fly.", "yes"),
+    ("No.", "no"),
+    ("The answer is no.", "no"),
+    ("The answer is yes.", "yes"),
+    ("There is no way to tell at first. The answer is yes.", "yes"),
+    ("So the statement is true.", "yes"),
+    ("Apples are red. The claim is false.", "no"),
+    ("**Yes**, it is.", "yes"),
+    ("I do not know.", None),
+]
+
+MATH_CASES = [
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"So $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    (r"The answer is $\frac{\sqrt{3}}{2}$.", r"\frac{\sqrt{3}}{2}"),
+    (r"Thus \boxed{3} first, then \boxed{\{1, 2\}}.", r"\{1, 2\}"),  # the last boxed, braces balanced
+    (r"The answer is 0.5.", "0.5"),
+    (r"We simplify and get $x^2 + 1$", "x^2 + 1"),
+    ("No math here.", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), NUMBER_CASES)
+def test_extract_number(text: str, expected: str | None) -> None:
+    assert extract_number(text) == expected
+    assert extract_answer(text, "number") == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), CHOICE_CASES)
+def test_extract_choice(text: str, expected: str | None) -> None:
+    assert extract_choice(text, CHOICES) == expected
+    assert extract_answer(text, "choice", CHOICES) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), YESNO_CASES)
+def test_extract_yesno(text: str, expected: str | None) -> None:
+    assert extract_yesno(text) == expected
+    assert extract_answer(text, "yesno") == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), MATH_CASES)
+def test_extract_math(text: str, expected: str | None) -> None:
+    assert extract_math(text) == expected
+
+
+def test_table_is_large_enough() -> None:
+    assert len(NUMBER_CASES) + len(CHOICE_CASES) + len(YESNO_CASES) + len(MATH_CASES) >= 60
+
+
+def test_choice_letters_limited_to_the_rows_options() -> None:
+    assert extract_choice("The answer is E.", ["x", "y", "z"]) is None
+    assert extract_choice("The answer is (B).", ["x", "y"]) == "B"
+    # Without option texts, A-E are letters.
+    assert extract_choice("The answer is (E).") == "E"
+
+
+def test_unknown_answer_type_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown answer_type"):
+        extract_answer("42", "float")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown answer_type"):
+        is_correct("42", "42", "float")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- judging
+
+CORRECT_CASES = [
+    ("1250", "1250", "number", True),
+    ("0.75", "0.75", "number", True),
+    ("3/4", "0.75", "number", True),
+    ("1,250.00", "1250", "number", True),
+    ("8", "9", "number", False),
+    ("-3", "3", "number", False),
+    (None, "3", "number", False),
+    ("c", "C", "choice", True),
+    ("(B)", "B", "choice", True),
+    ("A", "B", "choice", False),
+    ("yes", "yes", "yesno", True),
+    ("no", "yes", "yesno", False),
+    (r"\frac{1}{2}", "0.5", "math", True),  # \boxed{\frac{1}{2}} vs 0.5
+    ("0.5", r"\frac{1}{2}", "math", True),
+    (r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2", "math", True),
+    ("(x+1)^2", "x^2+2x+1", "math", True),
+    ("3", "4", "math", False),
+    (None, "4", "math", False),
+]
+
+
+@pytest.mark.parametrize(("pred", "gold", "answer_type", "expected"), CORRECT_CASES)
+def test_is_correct(pred: str | None, gold: str, answer_type: str, expected: bool) -> None:
+    assert is_correct(pred, gold, answer_type) is expected  # type: ignore[arg-type]
+
+
+def test_boxed_half_matches_point_five_end_to_end() -> None:
+    pred = extract_answer(r"Half of it: \boxed{\frac{1}{2}}", "math")
+    assert is_correct(pred, "0.5", "math")
+    assert not is_correct(pred, "0.25", "math")
+
+
+def test_number_gold_must_be_a_number() -> None:
+    with pytest.raises(ValueError, match="not a number"):
+        is_correct("3", "three", "number")
+
+
+def test_number_helpers() -> None:
+    assert str(parse_number("$1,250.00")) == "1250"
+    assert format_number(parse_number("-0.50")) == "-0.5"  # type: ignore[arg-type]
+    assert parse_number("no digits") is None
+    assert parse_number("5/0") is None
+
+
+# ---------------------------------------------------------------- canonical answer sentence
+
+
+@pytest.mark.parametrize(
+    ("gold", "answer_type", "suffix"),
+    [
+        ("42", "number", "The answer is 42."),
+        ("-3", "number", "The answer is -3."),
+        ("C", "choice", "The answer is (C)."),
+        ("yes", "yesno", "The answer is yes."),
+        (r"\frac{1}{2}", "math", r"The answer is $\boxed{\frac{1}{2}}$."),
+    ],
+)
+def test_answer_suffix_round_trips(gold: str, answer_type: str, suffix: str) -> None:
+    assert answer_suffix(gold, answer_type) == suffix  # type: ignore[arg-type]
+    pred = extract_answer(suffix, answer_type, CHOICES)  # type: ignore[arg-type]
+    assert is_correct(pred, gold, answer_type)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Anna has 5. She buys 3. 5 + 3 = 8. So the answer is 8.", "Anna has 5. She buys 3. 5 + 3 = 8. The answer is 8."),
+        ("Anna has 8.\nThe answer is 8. Then I keep talking.", "Anna has 8.\nThe answer is 8."),
+        ("Anna has 8 apples", "Anna has 8 apples. The answer is 8."),  # no answer sentence: appended
+        ("The answer is 8.", "The answer is 8."),
+        ("Therefore, the answer is $8.00.", "The answer is 8."),
+        ("5 + 3 = 8\n\n**Final Answer:** 8", "5 + 3 = 8.\nThe answer is 8."),
+        ("She ends with 8 apples, so the answer is eight.", "She ends with 8 apples. The answer is 8."),
+    ],
+)
+def test_canonicalise_answer(text: str, expected: str) -> None:
+    new, offset = canonicalise_answer(text, "8", "number")
+    assert new == expected
+    assert new[offset:] == "The answer is 8."
+    assert extract_number(new) == "8"
+
+
+def test_canonicalise_choice_and_offset() -> None:
+    new, offset = canonicalise_answer("Books live in libraries. The answer is library.", "C", "choice")
+    assert new == "Books live in libraries. The answer is (C)."
+    assert new[offset:] == answer_suffix("C", "choice")
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness parity
+
+# Expected values written by hand from lm-eval's gsm8k.yaml: strict-match takes the first
+# r"#### (\-?[0-9\.\,]+)" group; flexible-extract the last match of
+# r"(-?[$0-9.,]{2,})|(-?[0-9]+)" (first non-empty group); exact_match then removes ",", "$",
+# "... #### " and a trailing "." from both sides and compares case-insensitively.
+LM_EVAL_CASES = [
+    # text, strict, flexible, our number
+    ("She pays 3 + 4 = 7 dollars.\n#### 7", "7", "7", "7"),
+    ("The total is $1,250.00.", None, "$1,250.00.", "1250"),
+    ("#### -3", "-3", "-3", "-3"),
+    ("Costs 5 then 12 and finally 30.", None, "30.", "30"),
+    ("The answer is 8. Check: 8 - 3 = 5", None, "5", "8"),
+    ("#### 1,000\nExtra 17 words", "1,000", "17", "1000"),  # "####" counts as our answer sentence
+    ("Nothing numeric here", None, None, None),
+    ("x = 4", None, "4", "4"),
+]
+
+
+@pytest.mark.parametrize(("text", "strict", "flexible", "ours"), LM_EVAL_CASES)
+def test_lm_eval_gsm8k_filters(text: str, strict: str | None, flexible: str | None, ours: str | None) -> None:
+    assert gsm8k_strict_match(text) == strict
+    assert gsm8k_flexible_extract(text) == flexible
+    # Ours agrees with strict-match where it matches, else it prefers the answer sentence
+    # over flexible-extract's last number.
+    assert extract_number(text) == ours
+    if strict is not None:
+        assert ours == format_number(parse_number(strict))  # type: ignore[arg-type]
+
+
+def test_lm_eval_exact_match_settings() -> None:
+    assert lm_eval_exact_match(gsm8k_flexible_extract("The total is $1,250."), "1250")
+    assert not lm_eval_exact_match(gsm8k_flexible_extract("The total is $1,250.00."), "1250")  # "1250.00"
+    assert lm_eval_exact_match(gsm8k_strict_match("#### 1,250"), "1250")
+    assert not lm_eval_exact_match(None, "1250")  # "[invalid]"
+    assert lm_eval_exact_match("18.", "#### 18")
+
+
+def test_lm_eval_cot_strict_variant() -> None:
+    text = "So 3 + 5 = 8. The answer is 8. Then 9."
+    # The greedy group takes the sentence's period too; exact_match strips it again.
+    assert gsm8k_strict_match(text, GSM8K_COT_STRICT_RE) == "8."
+    assert lm_eval_exact_match(gsm8k_strict_match(text, GSM8K_COT_STRICT_RE), "8")
+    assert gsm8k_strict_match("So the total is 8.", GSM8K_COT_STRICT_RE) is None
+    assert re.fullmatch(GSM8K_COT_STRICT_RE, "The answer is 8.")
+
+
+# ---------------------------------------------------------------- text quality
+
+
+def test_repeated_ngram_share() -> None:
+    assert repeated_ngram_share("Anna has 5 apples. She buys 3 more. Now she has 8.") == 0.0
+    loop = "she has 5 apples " * 20
+    assert repeated_ngram_share(loop) > 0.9
+    assert repeated_ngram_share("too short") == 0.0
+    half = "a b c d e f g h " + "x y z w " * 4  # 21 four-grams, 8 of them repeats
+    assert 0.3 < repeated_ngram_share(half) < 0.6
+    with pytest.raises(ValueError):
+        repeated_ngram_share("a b", n=0)
+
+
+def test_normalise_text() -> None:
+    assert normalise_text("Anna has 5  apples!\nSo: 5.") == normalise_text("anna has 5 apples so 5")
+    assert normalise_text("Anna has 5 apples") != normalise_text("Anna has 6 apples")

@@ -1,0 +1,164 @@
+"""Every params file validates against the stages' typed configs.
+
+``params.yaml`` on its own, and every params override ``configs/*.yaml`` (e.g.
+``configs/paper.yaml``) deep-merged over it: mappings merge key by key, anything else (lists,
+scalars) is replaced. ``configs/accelerate/*.yaml`` are accelerate launch configs, checked with
+accelerate's own loader; perspective files in sub-folders with ``pipeline.perspectives``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, from_dict
+from stages import analyze, distill, evaluate, generate, models, prepare, report
+from stages import filter as filter_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_CLASSES: dict[str, type] = {
+    "models": models.ModelsConfig,
+    "prepare": prepare.PrepareConfig,
+    "generate": generate.GenerateConfig,
+    "filter": filter_stage.FilterConfig,
+    "distill": distill.DistillConfig,
+    "evaluate": evaluate.EvaluateConfig,
+    "report": report.ReportConfig,
+    "analyze": analyze.AnalyzeConfig,
+}
+ACCELERATE_DIR = ROOT / "configs" / "accelerate"
+OVERRIDES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """``override`` over ``base``: mappings merge recursively, anything else replaces."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = copy.deepcopy(base)
+        for key, value in override.items():
+            out[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(override)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{path}: expected a mapping of stage sections"
+    return data
+
+
+def validate(params: dict[str, Any], source: str) -> dict[str, Any]:
+    """Build every stage's config from ``params``; returns section -> config object."""
+    unknown = sorted(set(params) - set(CONFIG_CLASSES))
+    assert not unknown, f"{source}: unknown section(s) {unknown}; stages are {sorted(CONFIG_CLASSES)}"
+    return {section: from_dict(cls, params.get(section) or {}, section) for section, cls in CONFIG_CLASSES.items()}
+
+
+def test_params_yaml_validates() -> None:
+    params = load_yaml(ROOT / "params.yaml")
+    configs = validate(params, "params.yaml")
+    assert {"evaluate", "report", "analyze"} <= set(params)
+    ev = configs["evaluate"]
+    prepared = {d.name for d in configs["prepare"].eval}
+    missing = [d.name for d in ev.datasets if d.name not in prepared]
+    assert not missing, f"evaluate.datasets {missing} are not prepared by prepare.eval"
+
+
+def test_there_is_a_paper_override() -> None:
+    assert ROOT / "configs" / "paper.yaml" in OVERRIDES
+
+
+def test_every_file_under_configs_is_a_known_kind() -> None:
+    """Top level: params overrides (tested below); accelerate/: launch configs (tested below);
+    anything else must be a perspectives file that ``load_perspectives`` accepts."""
+    from pipeline.perspectives import load_perspectives
+
+    for path in sorted((ROOT / "configs").rglob("*")):
+        if path.is_dir() or path.parent == ROOT / "configs" or ACCELERATE_DIR in path.parents:
+            continue
+        assert path.suffix in (".yaml", ".yml"), f"{path}: unexpected file under configs/"
+        assert "perspectives" in load_yaml(path), f"{path}: neither a params override nor an accelerate config"
+        assert load_perspectives(path), path
+    assert not list((ROOT / "configs").glob("*.yml")), "params overrides must end in .yaml"
+
+
+@pytest.mark.parametrize("path", OVERRIDES, ids=[str(p.relative_to(ROOT)) for p in OVERRIDES])
+def test_override_validates_over_params(path: Path) -> None:
+    merged = deep_merge(load_yaml(ROOT / "params.yaml"), load_yaml(path))
+    configs = validate(merged, str(path))
+    prepared = {d.name for d in configs["prepare"].eval}
+    missing = [d.name for d in configs["evaluate"].datasets if d.name not in prepared]
+    assert not missing, f"{path}: evaluate.datasets {missing} are not prepared by prepare.eval"
+
+
+def test_paper_config_is_the_paper_setting() -> None:
+    merged = deep_merge(load_yaml(ROOT / "params.yaml"), load_yaml(ROOT / "configs" / "paper.yaml"))
+    c = validate(merged, "configs/paper.yaml")
+    # Hub ids: a large instruct teacher, a Qwen2.5-1.5B-class student.
+    teachers = c["generate"].teachers
+    assert len(teachers) == 1 and "Instruct" in teachers[0].model and teachers[0].model.count("/") == 1
+    assert c["models"].models["qwen2.5-1.5b-instruct"] == "Qwen/Qwen2.5-1.5B-Instruct"
+    student = "data/models/qwen2.5-1.5b-instruct"
+    assert c["distill"].student == student and c["evaluate"].base_model == student
+    assert c["analyze"].students["base"] == student
+    # GSM8K train pool of 497 questions, 8 perspectives.
+    (train,) = c["prepare"].train
+    assert train.format == "gsm8k" and train.limit == 497
+    assert c["generate"].perspectives is None and c["generate"].perspectives_file is None  # the 8 built-in
+    assert c["filter"].max_questions == 497 and c["distill"].max_paths == 8
+    # ID and OOD eval on the six benchmarks, every question (no limits).
+    groups = {d.name: d.group for d in c["evaluate"].datasets}
+    assert groups == {"gsm8k": "id", "svamp": "id", "math500": "id",
+                      "csqa": "ood", "strategyqa": "ood", "gpqa": "ood"}
+    assert all(d.limit is None for d in c["evaluate"].datasets)
+    assert all(d.limit is None for d in c["prepare"].eval) and c["prepare"].limit is None
+    formats = {d.name: d.format for d in c["prepare"].eval}
+    assert formats["gpqa"] == "gpqa" and formats["math500"] in ("math500", "hub")
+    # vLLM tensor parallelism for the teacher; compiled (non-eager) engines on GPU.
+    teacher_engine = c["generate"].engine_for(teachers[0])
+    assert teacher_engine.tensor_parallel_size >= 2 and not teacher_engine.enforce_eager
+    assert teacher_engine.kv_cache_gib is None and teacher_engine.gpu_memory_utilization > 0.5
+
+
+def test_a_bad_override_is_caught() -> None:
+    """The validation above can fail: a typo and a wrong type are both reported."""
+    params = load_yaml(ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        validate(deep_merge(params, {"evaluate": {"max_token": 10}}), "bad")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        validate(deep_merge(params, {"evaluate": {"engine": {"tensor_parallel_size": "two"}}}), "bad")
+    with pytest.raises(AssertionError, match="unknown section"):
+        validate(deep_merge(params, {"evalute": {}}), "bad")
+
+
+def test_deep_merge() -> None:
+    base = {"a": {"x": 1, "y": [1, 2], "z": {"k": 1}}, "b": 2}
+    out = deep_merge(base, {"a": {"y": [3], "z": {"j": 2}}, "c": 3})
+    assert out == {"a": {"x": 1, "y": [3], "z": {"k": 1, "j": 2}}, "b": 2, "c": 3}
+    assert base["a"]["y"] == [1, 2]  # the base is not modified
+
+
+def test_accelerate_configs_load() -> None:
+    """accelerate's own loader (unknown keys and bad enum values raise), and at least one
+    multi-GPU config for the paper-scale distill runs."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import ComputeEnvironment, DistributedType
+
+    paths = sorted(ACCELERATE_DIR.glob("*.yaml"))
+    assert paths, f"no accelerate config under {ACCELERATE_DIR}"
+    processes = []
+    for path in paths:
+        raw = load_yaml(path)
+        for key in ("compute_environment", "distributed_type", "num_processes", "mixed_precision"):
+            assert key in raw, f"{path}: missing {key}"
+        cfg = load_config_from_file(str(path))
+        assert isinstance(cfg, ClusterConfig), path
+        assert ComputeEnvironment(cfg.compute_environment) == ComputeEnvironment.LOCAL_MACHINE, path
+        assert DistributedType(cfg.distributed_type) in set(DistributedType), path
+        assert cfg.mixed_precision in ("no", "fp16", "bf16", "fp8"), path
+        assert cfg.num_processes >= 1 and cfg.num_machines >= 1, path
+        processes.append(cfg.num_processes)
+    assert max(processes) > 1, f"no multi-GPU accelerate config under {ACCELERATE_DIR}"

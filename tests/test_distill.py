@@ -1,0 +1,334 @@
+"""The distill stage: sequences and masking, every method on a tiny random student, fairness of
+the baselines, checkpoints and resume, non-finite losses, a 2-process accelerate launch, and
+one run on the real embedded student."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill_helpers import filtered_rows, make_filtered, make_tiny_model
+from pipeline import losses as L
+from pipeline.config import ConfigError
+from pipeline.shards import write_shards
+from stages import distill as D
+from stages.filter import FILTERED_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "student", embedded_model_dir)
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_filtered(tmp_path_factory.mktemp("data") / "filtered", n_questions=6)
+
+
+@pytest.fixture
+def one_thread() -> object:
+    """Tiny models: thread hand-offs cost more than the maths on a busy 2-core host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(tmp: Path, filtered: Path, student: Path, encoder: Path, **kw: object) -> D.DistillConfig:
+    base = dict(filtered_dir=filtered, student=str(student), encoder=str(encoder), out_root=tmp / "students",
+                live_root=tmp / "live", embedding_cache=tmp / "cache", max_steps=6, questions_per_step=2,
+                ta_warmup_steps=2, ta_accum_steps=2, lr=3e-3)
+    base.update(kw)
+    return D.DistillConfig(**base)  # type: ignore[arg-type]
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())["history"]
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_sequences_mask_the_prompt_and_share_the_answer_suffix(filtered: Path, tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    cfg = D.DistillConfig(filtered_dir=filtered, student=str(tiny))
+    units, path_rows, counts = D.load_units(cfg, tok)
+    assert counts["questions"] == 6 and counts["paths"] == len(path_rows) == sum(2 + q % 3 for q in range(6))
+    rows = {f"{r['question_id']}/{r['teacher']}/{r['perspective']}/{r['sample_index']}": r
+            for r in filtered_rows(6)}
+    for u in units:
+        gold = rows[u.paths[0].key]["answer"]
+        for p in u.paths:
+            r = rows[p.key]
+            prompt = tok.decode(p.input_ids[: p.prompt_len])
+            # The plain question through the chat template: no perspective, generation prompt last.
+            assert prompt == tok.apply_chat_template([{"role": "user", "content": r["question"]}],
+                                                     add_generation_prompt=True, tokenize=False)
+            assert r["perspective"] not in prompt
+            assert tok.decode(p.input_ids[p.prompt_len:]) == r["text"] + "<|im_end|>\n"
+            assert tok.decode(p.suffix_ids).strip() == f"The answer is {gold}."
+        # Paths end in the same suffix tokens (a "\n" or " " before "The" may differ).
+        shared = tok.decode(u.paths[0].suffix_ids[-u.jsd_len:])
+        assert u.jsd_len >= 4 and f"The answer is {gold}.".endswith(shared.strip())
+
+    batch = D.collate(units[:2], tok.pad_token_id, 8)
+    assert batch.mask.sum() == len(units[0].paths) + len(units[1].paths)
+    for q, u in enumerate(units[:2]):
+        for k, p in enumerate(u.paths):
+            i = int(batch.grid[q, k])
+            n = len(p.input_ids)
+            assert torch.all(batch.labels[i, : p.prompt_len] == L.IGNORE_INDEX)
+            assert torch.equal(batch.labels[i, p.prompt_len: n], torch.tensor(p.input_ids[p.prompt_len:]))
+            assert torch.all(batch.labels[i, n:] == L.IGNORE_INDEX) and torch.all(batch.attention_mask[i, n:] == 0)
+            # The JSD positions hold the shared suffix tokens.
+            assert batch.input_ids[i, batch.jsd_pos[q][k]].tolist() == p.suffix_ids[-u.jsd_len:]
+
+
+def test_single_rule_keeps_one_path_per_question(filtered: Path, tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    first = D.load_units(D.DistillConfig(method="single", single_rule="first", filtered_dir=filtered), tok)[0]
+    short = D.load_units(D.DistillConfig(method="single", single_rule="shortest", filtered_dir=filtered), tok)[0]
+    rand = D.load_units(D.DistillConfig(method="single", filtered_dir=filtered, seed=1), tok)[0]
+    again = D.load_units(D.DistillConfig(method="single", filtered_dir=filtered, seed=1), tok)[0]
+    allp = D.load_units(D.DistillConfig(method="uniform", filtered_dir=filtered), tok)[0]
+    for f, s, r, a, u in zip(first, short, rand, again, allp):
+        assert len(f.paths) == len(s.paths) == len(r.paths) == 1
+        assert f.paths[0].key == u.paths[0].key  # first in perspective order
+        assert len(s.paths[0].input_ids) == min(len(p.input_ids) for p in u.paths)
+        assert r.paths[0].key == a.paths[0].key  # seeded
+    assert len({r.paths[0].key.split("/")[2] for r in rand}) > 1
+
+
+def test_bad_answer_offset_names_file_row_and_field(tmp_path: Path, tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    rows = filtered_rows(2)
+    rows[3]["answer_offset"] = len(rows[3]["text"]) + 5
+    write_shards(tmp_path / "f", rows, FILTERED_SCHEMA, {})
+    with pytest.raises(ConfigError, match=r"row 3 \(question_id q001.*answer_offset"):
+        D.load_units(D.DistillConfig(filtered_dir=tmp_path / "f"), AutoTokenizer.from_pretrained(tiny))
+
+
+def test_too_long_paths_are_dropped_and_counted(filtered: Path, tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    units, _, counts = D.load_units(D.DistillConfig(filtered_dir=filtered, max_seq_len=70), tok)
+    assert counts["paths_too_long"] > 0
+    assert counts["paths"] + counts["paths_too_long"] == counts["rows_read"]
+    assert all(len(p.input_ids) <= 70 for u in units for p in u.paths)
+
+
+def test_too_few_questions_is_an_error_that_states_the_numbers(tmp_path: Path, tiny: Path, encoder_dir: Path,
+                                                                  one_thread: object) -> None:
+    f = make_filtered(tmp_path / "f", n_questions=3)
+    cfg = tiny_cfg(tmp_path, f, tiny, encoder_dir, max_steps=10, max_epochs=2)
+    with pytest.raises(ConfigError, match=r"3 usable questions.*10 steps x 1 accumulation x 2 questions/step x 1 "
+                                          r"processes = 20 question visits = 6.7 epochs > max_epochs 2"):
+        D.run(cfg)
+    with pytest.raises(ConfigError, match="3 usable questions.*one step needs 4 questions/step x 1 processes = 4"):
+        D.run(tiny_cfg(tmp_path, f, tiny, encoder_dir, questions_per_step=4))
+
+
+# ---------------------------------------------------------------- training on a tiny student
+
+
+@pytest.mark.parametrize("method", ["single", "uniform", "mcc", "mind"])
+def test_each_method_lowers_the_loss_and_writes_its_outputs(method: str, tmp_path: Path, filtered: Path, tiny: Path,
+                                                            encoder_dir: Path, one_thread: object) -> None:
+    from transformers import AutoModelForCausalLM
+
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method=method))
+    out = tmp_path / "students" / method
+    m = json.loads((out / "metrics.json").read_text())
+    h = m["history"]
+    assert m["steps"] == len(h) == 6 and m["method"] == method
+    assert (h[-1]["loss"] + h[-2]["loss"]) < (h[0]["loss"] + h[1]["loss"]) - 0.05
+    # LoRA B starts at zero: non-zero B means the trainable parameters moved.
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert b and all(float(v.abs().max()) > 0 for v in b)
+    assert (out / "ta.pt").exists() == (method == "mind")
+    assert json.loads((out / "config.json").read_text())["method"] == method
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert model.config.model_type == "llama" and (out / "merged" / "chat_template.jinja").exists()
+    curves = tmp_path / "live" / method / "plots" / "metrics" / "train"
+    assert (curves / "loss.tsv").exists() and (curves / "ce.tsv").exists()
+    assert len((curves / "loss.tsv").read_text().splitlines()) == 7  # header + 6 steps
+    if method == "single":
+        assert all(r["mean_selected"] == 1.0 and r["alpha_entropy"] == 0.0 for r in h)
+        assert "jsd" not in h[0]
+    else:
+        assert all(r["jsd"] >= 0 for r in h) and (curves / "jsd.tsv").exists()
+    if method == "mind":
+        for name in ("meta_loss", "spearman", "mean_selected", "alpha_entropy"):
+            assert (curves / f"{name}.tsv").exists()
+        assert len(m["ta_warmup"]) == 2
+        ta = torch.load(out / "ta.pt", weights_only=False)
+        net = D.TeachingAssistant(**ta["config"])
+        net.load_state_dict(ta["state_dict"])
+        assert torch.isfinite(ta["ema"]).any()
+
+
+def test_mind_differs_from_uniform_only_through_alpha(tmp_path: Path, filtered: Path, tiny: Path,
+                                                      encoder_dir: Path, one_thread: object) -> None:
+    """β = 0 and no synergy: mind selects every path like uniform. With a huge τ_student its α is
+    uniform too, and the student's training must then be identical to uniform's; a sharp τ_student
+    changes only α, and the losses then differ."""
+    common = dict(beta=0.0, synergy=False, consistency_weight=0.0, lora_dropout=0.0, ta_dropout=0.0)
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", **common))
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", tau_student=1e9, run_name="flat", **common))
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", tau_student=0.001, run_name="sharp",
+                   **common))
+    u, flat, sharp = (history(tmp_path / "students" / n) for n in ("uniform", "flat", "sharp"))
+    assert [r["loss"] for r in flat] == pytest.approx([r["loss"] for r in u], rel=1e-6)
+    assert [r["ce_mean"] for r in flat] == pytest.approx([r["ce_mean"] for r in u], rel=1e-6)
+    assert all(r["mean_selected"] == pytest.approx(q["mean_selected"]) for r, q in zip(flat, u))
+    assert all(r["alpha_entropy"] < q["alpha_entropy"] - 0.1 for r, q in zip(sharp, u))
+    assert [r["loss"] for r in sharp] != pytest.approx([r["loss"] for r in u], rel=1e-6)
+
+
+def test_full_fine_tuning_writes_a_merged_model_only(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path,
+                                                     one_thread: object) -> None:
+    from transformers import AutoModelForCausalLM
+
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", finetune="full", max_steps=3, lr=1e-3))
+    out = tmp_path / "students" / "uniform"
+    assert not (out / "adapter").exists() and (out / "metrics.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert tuned.dtype == torch.bfloat16
+    w0 = base.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(tuned.model.layers[0].self_attn.q_proj.weight.float(), w0, atol=1e-3)
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def _params_file(path: Path, cfg: D.DistillConfig) -> Path:
+    from pipeline.config import to_dict
+
+    path.write_text(yaml.safe_dump({"distill": to_dict(cfg)}))
+    return path
+
+
+def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path: Path, filtered: Path, tiny: Path,
+                                                              encoder_dir: Path, one_thread: object) -> None:
+    cfg = tiny_cfg(tmp_path / "killed", filtered, tiny, encoder_dir, method="mind", max_steps=20, max_epochs=20.0,
+                   questions_per_step=1, checkpoint_every=2)
+    params = _params_file(tmp_path / "params.yaml", cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.app", "distill", "--params", str(params)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "killed" / "students" / "mind" / "checkpoints"
+    deadline = time.time() + 240
+    while not D.checkpoint_dirs(ckpts) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    _, err = proc.communicate()
+    assert D.checkpoint_dirs(ckpts), f"no checkpoint before the kill: {err[-2000:]}"
+    assert not (tmp_path / "killed" / "students" / "mind" / "metrics.json").exists()
+
+    result = D.run(cfg)  # same config: resumes
+    start = result["resumed_from_step"]
+    assert start is not None and 2 <= start < 20 and start % 2 == 0 and result["steps"] == 20
+    resumed = history(tmp_path / "killed" / "students" / "mind")
+    assert not ckpts.exists()  # removed after a successful run
+
+    D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, method="mind", max_steps=20, max_epochs=20.0,
+                   questions_per_step=1))
+    straight = history(tmp_path / "straight" / "students" / "mind")
+    # Same data order, RNG, TA and L̄ state after the resume: the same losses as an uninterrupted run.
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[start:]], rel=1e-4)
+    assert [r["meta_loss"] for r in resumed] == pytest.approx([r["meta_loss"] for r in straight[start:]], rel=1e-3)
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path: Path, filtered: Path, tiny: Path,
+                                                               encoder_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               one_thread: object) -> None:
+    real = L.path_token_ce
+    calls = {"n": 0}
+
+    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        ce = real(logits, labels)
+        return ce * float("nan") if calls["n"] == 4 else ce  # the 4th micro-batch: step index 3
+
+    monkeypatch.setattr(D.L, "path_token_ce", poisoned)
+    cfg = tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", checkpoint_every=2)
+    with pytest.raises(D.NonFiniteLoss, match=r"non-finite loss = nan at step 3.*step-000002"):
+        D.run(cfg)
+    out = tmp_path / "students" / "uniform"
+    assert not (out / "metrics.json").exists()
+    (ckpt,) = D.checkpoint_dirs(out / "checkpoints")
+    assert ckpt.name == "step-000002"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    weights = load_file(ckpt / "model.safetensors")
+    assert weights and all("lora_" in k for k in weights)  # adapter only, not the base model
+    monkeypatch.setattr(D.L, "path_token_ce", real)
+    assert D.run(cfg)["resumed_from_step"] == 2
+
+
+# ---------------------------------------------------------------- multi-process and real model
+
+
+def test_two_process_accelerate_launch_on_cpu(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path) -> None:
+    """DDP over gloo: `accelerate launch` with 2 CPU processes runs the unchanged stage."""
+    cfg = tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", max_steps=3, questions_per_step=1,
+                   ta_warmup_steps=1)
+    params = _params_file(tmp_path / "params.yaml", cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "--main_process_port", str(29500 + os.getpid() % 1000),
+           "-m", "stages.app", "distill", "--params", str(params), "--force-cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "students" / "mind"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["steps"] == 3
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "ta.pt").exists()
+    assert (out / "merged" / "model.safetensors").exists()
+    assert "2 process(es) on cpu" in proc.stderr and "(gloo)" in proc.stderr
+    assert proc.stderr.count("TA warm-up 1/1") == 1  # logged by the main process only
+
+
+@pytest.mark.slow
+def test_real_embedded_student_trains_and_its_merged_model_generates(tmp_path: Path, embedded_model_dir: Path,
+                                                                     encoder_dir: Path, one_thread: object) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    f = make_filtered(tmp_path / "f", n_questions=2, ks=[2])
+    cfg = D.DistillConfig(method="mind", filtered_dir=f, student=str(embedded_model_dir), encoder=str(encoder_dir),
+                          out_root=tmp_path / "students", live_root=tmp_path / "live", embedding_cache=None,
+                          max_steps=2, questions_per_step=1, ta_warmup_steps=1, max_seq_len=256)
+    D.run(cfg)
+    out = tmp_path / "students" / "mind"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in m["history"])
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert model.dtype == torch.bfloat16
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Sam has 3 apples and buys 4 more. How many?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] > prompt["input_ids"].shape[1]
+    assert tok.decode(gen[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    PeftModel.from_pretrained(base, out / "adapter")  # the adapter loads on the base model

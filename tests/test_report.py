@@ -1,0 +1,235 @@
+"""Wilson intervals, metrics from hand-made prediction shards, and the report built from them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.metrics import (
+    PREDICTION_SCHEMA,
+    accuracy_summary,
+    dataset_metrics,
+    model_metrics,
+    read_model_metrics,
+    wilson_interval,
+)
+from pipeline.shards import atomic_write_json, read_rows, write_shards
+from stages.report import ReportConfig, run, summary_markdown
+
+
+# ---------------------------------------------------------------- Wilson
+
+
+def test_wilson_against_hand_computed_values() -> None:
+    # 5/10: p=0.5, z^2=3.8415, centre=(0.5+0.19207)/1.38415=0.5,
+    # half=1.95996/1.38415*sqrt(0.025+0.0096037)=1.41600*0.18602=0.26340.
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.23659, abs=1e-4)
+    assert hi == pytest.approx(0.76341, abs=1e-4)
+    # 0/10: centre=0.19207/1.38415=0.13877, half=1.41600*sqrt(0.0096037)=0.13877 -> [0, 0.27753].
+    lo, hi = wilson_interval(0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12)
+    assert hi == pytest.approx(0.27753, abs=1e-4)
+    # 10/10 mirrors 0/10.
+    lo, hi = wilson_interval(10, 10)
+    assert lo == pytest.approx(1 - 0.27753, abs=1e-4) and hi == pytest.approx(1.0)
+    # 8/10: centre=(0.8+0.19207)/1.38415=0.71674, half=1.41600*sqrt(0.016+0.0096037)=0.22657.
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.49016, abs=1e-4)
+    assert hi == pytest.approx(0.94331, abs=1e-4)
+    # 81/263: p=0.30798; the interval is [0.25529, 0.36621].
+    lo, hi = wilson_interval(81, 263)
+    assert lo == pytest.approx(0.25529, abs=1e-4)
+    assert hi == pytest.approx(0.36621, abs=1e-4)
+
+
+def test_wilson_matches_scipy() -> None:
+    from scipy.stats import binomtest  # an independent implementation (scipy comes with scikit-learn)
+
+    for k, n in [(0, 1), (1, 3), (17, 40), (99, 100), (123, 1000)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_wilson_is_narrower_with_more_data_and_contains_p() -> None:
+    a = wilson_interval(30, 100)
+    b = wilson_interval(300, 1000)
+    assert a[0] < 0.3 < a[1] and b[0] < 0.3 < b[1]
+    assert (b[1] - b[0]) < (a[1] - a[0])
+
+
+def test_wilson_rejects_bad_counts() -> None:
+    with pytest.raises(ValueError, match="n must be positive"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="outside"):
+        wilson_interval(11, 10)
+    with pytest.raises(ValueError, match="no predictions"):
+        accuracy_summary([])
+
+
+# ---------------------------------------------------------------- metrics from prediction shards
+
+
+def pred_rows(model: str, dataset: str, flags: list[bool], answer_type: str = "number",
+              strict: list[bool] | None = None, flexible: list[bool] | None = None,
+              unanswered: int = 0, truncated: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for i, ok in enumerate(flags):
+        numeric = answer_type == "number"
+        rows.append({
+            "model": model, "dataset": dataset, "id": f"{dataset}-{i}", "output": f"... The answer is {i}.",
+            "pred_answer": None if i < unanswered else str(i), "gold": str(i) if ok else "x",
+            "correct": ok, "answer_type": answer_type,
+            "strict_correct": (strict[i] if strict else ok) if numeric else None,
+            "flexible_correct": (flexible[i] if flexible else ok) if numeric else None,
+            "num_tokens": 100 + i, "finish_reason": "length" if i < truncated else "stop",
+        })
+    return rows
+
+
+def write_predictions(root: Path, rows: list[dict[str, Any]]) -> Path:
+    out = root / rows[0]["model"] / rows[0]["dataset"]
+    write_shards(out, rows, PREDICTION_SCHEMA, {"stage": "test"})
+    return out
+
+
+def metrics_from_shards(root: Path, model: str, groups: dict[str, str]) -> dict[str, Any]:
+    per = {name: dataset_metrics(read_rows(root / model / name)) for name in groups}
+    return model_metrics(per, groups)  # type: ignore[arg-type]
+
+
+def test_dataset_metrics_from_a_shard(tmp_path: Path) -> None:
+    flags = [True] * 3 + [False] * 7
+    strict = [True, False, False] + [False] * 7
+    flexible = [True, True, True, True] + [False] * 6
+    folder = write_predictions(tmp_path, pred_rows("m", "gsm8k", flags, strict=strict, flexible=flexible,
+                                                   unanswered=2, truncated=1))
+    m = dataset_metrics(read_rows(folder))
+    lo, hi = wilson_interval(3, 10)
+    assert (m["n"], m["correct"]) == (10, 3)
+    assert m["accuracy"] == pytest.approx(0.3)
+    assert (m["ci_low"], m["ci_high"]) == pytest.approx((lo, hi))
+    assert m["strict_accuracy"] == pytest.approx(0.1)
+    assert m["flexible_accuracy"] == pytest.approx(0.4)
+    assert m["answered"] == pytest.approx(0.8)
+    assert m["truncated"] == pytest.approx(0.1)
+    assert m["mean_tokens"] == pytest.approx(104.5)
+
+
+def test_choice_dataset_has_no_strict_flexible_split(tmp_path: Path) -> None:
+    folder = write_predictions(tmp_path, pred_rows("m", "csqa", [True, False], answer_type="choice"))
+    m = dataset_metrics(read_rows(folder))
+    assert "strict_accuracy" not in m and "flexible_accuracy" not in m
+    assert m["accuracy"] == pytest.approx(0.5)
+
+
+def test_model_metrics_groups_and_averages() -> None:
+    per = {"a": accuracy_summary([True, False]), "b": accuracy_summary([True] * 3 + [False]),
+           "c": accuracy_summary([False] * 4 + [True])}
+    m = model_metrics(per, {"a": "id", "b": "id", "c": "ood"})
+    assert set(m["id"]) == {"a", "b"} and set(m["ood"]) == {"c"}
+    assert m["avg"]["id"] == pytest.approx((0.5 + 0.75) / 2)  # unweighted over datasets
+    assert m["avg"]["ood"] == pytest.approx(0.2)
+    assert m["avg"]["all"] == pytest.approx((0.5 + 0.75 + 0.2) / 3)
+    with pytest.raises(ValueError, match="no id/ood group"):
+        model_metrics(per, {"a": "id"})
+
+
+def test_read_model_metrics_names_the_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"id": {"gsm8k": {"n": 3}}, "ood": {}, "avg": {}}))
+    with pytest.raises(ValueError, match=r"x\.json: id\.gsm8k lacks"):
+        read_model_metrics(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"x\.json: not valid JSON"):
+        read_model_metrics(bad)
+    bad.write_text(json.dumps({"ari": 0.5}))
+    with pytest.raises(ValueError, match="not an evaluate metrics file"):
+        read_model_metrics(bad)
+
+
+# ---------------------------------------------------------------- report
+
+
+def build_metrics(tmp_path: Path) -> Path:
+    """Three models, hand-made shards: base, mind (better ID, worse OOD), single (no csqa)."""
+    groups = {"embedded": "id", "gsm8k": "id", "csqa": "ood"}
+    data = {
+        "base": {"embedded": [True] * 2 + [False] * 8, "gsm8k": [True] + [False] * 9, "csqa": [True] * 5 + [False] * 5},
+        "mind": {"embedded": [True] * 6 + [False] * 4, "gsm8k": [True] * 2 + [False] * 8, "csqa": [True] * 4 + [False] * 6},
+        "single": {"embedded": [True] * 3 + [False] * 7, "gsm8k": [False] * 10},
+    }
+    root = tmp_path / "eval"
+    metrics_dir = tmp_path / "metrics"
+    for model, sets in data.items():
+        for name, flags in sets.items():
+            write_predictions(root, pred_rows(model, name, flags, answer_type="choice" if name == "csqa" else "number"))
+        g = {k: v for k, v in groups.items() if k in sets}
+        atomic_write_json(metrics_dir / f"{model}.json", metrics_from_shards(root, model, g))
+    return metrics_dir
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    """The first table of the summary: model name -> its cells."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = dict(zip(header, cells))  # type: ignore[assignment]
+    return rows  # type: ignore[return-value]
+
+
+def test_report_table_numbers_and_plot(tmp_path: Path) -> None:
+    metrics_dir = build_metrics(tmp_path)
+    cfg = ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "reports/summary.md",
+                       plot=tmp_path / "reports/accuracy.png")
+    all_metrics = run(cfg)
+    assert list(all_metrics) == ["base", "single", "mind"]  # the order of ReportConfig.order
+    md = cfg.summary.read_text()
+    rows = table_rows(md)
+    lo, hi = wilson_interval(6, 10)
+    assert rows["mind"]["embedded (ID, n=10)"] == f"60.0 [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert rows["base"]["gsm8k (ID, n=10)"].startswith("10.0 [")
+    assert rows["single"]["csqa (OOD, n=10)"] == "–"
+    # ID avg: base (20+10)/2 = 15, mind (60+20)/2 = 40 -> Δ +25; OOD: 50 -> 40 = -10 (forgetting).
+    assert rows["base"]["ID avg"] == "15.0" and rows["base"]["Δ ID"] == "–"
+    assert rows["mind"]["ID avg"] == "40.0" and rows["mind"]["Δ ID"] == "+25.0"
+    assert rows["mind"]["OOD avg"] == "40.0" and rows["mind"]["Δ OOD"] == "-10.0"
+    assert rows["single"]["ID avg"] == "15.0" and rows["single"]["Δ ID"] == "+0.0"
+    assert rows["single"]["OOD avg"] == "–"
+    assert "per dataset" in md and "| `mind` | +40.0 | +10.0 | -10.0 |" in md
+    assert "strict / flexible" in md
+    png = cfg.plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    from PIL import Image
+
+    with Image.open(cfg.plot) as im:
+        assert im.size[0] > 400 and im.size[1] > 300
+
+
+def test_report_without_base_and_without_metrics(tmp_path: Path) -> None:
+    metrics_dir = build_metrics(tmp_path)
+    (metrics_dir / "base.json").unlink()
+    md = summary_markdown({m: read_model_metrics(metrics_dir / f"{m}.json") for m in ("mind",)}, "base")
+    assert "No metrics for the base model" in md
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no evaluate metrics files"):
+        run(ReportConfig(metrics_dir=empty, summary=tmp_path / "s.md", plot=tmp_path / "p.png"))
+
+
+def test_report_differing_n_goes_into_cells(tmp_path: Path) -> None:
+    a = model_metrics({"gsm8k": accuracy_summary([True, False])}, {"gsm8k": "id"})
+    b = model_metrics({"gsm8k": accuracy_summary([True, False, False, False])}, {"gsm8k": "id"})
+    md = summary_markdown({"base": a, "mind": b}, "base")
+    rows = table_rows(md)
+    assert rows["mind"]["gsm8k (ID)"].endswith("(n=4)")
+    assert math.isclose(float(rows["mind"]["Δ ID"]), -25.0)

@@ -1,0 +1,126 @@
+"""The Teaching Assistant: shapes, masking, the synergy switch, learning to rank, embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import losses as L
+from pipeline.ta import TeachingAssistant, embed_paths, encode_texts
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Tiny tensors: thread hand-offs cost more than the maths on a busy 2-core host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ta(synergy: bool = True, dim: int = 12) -> TeachingAssistant:
+    torch.manual_seed(0)
+    return TeachingAssistant(dim, hidden_dim=16, num_heads=4, synergy=synergy, score_heads=2, dropout=0.0).eval()
+
+
+def test_shapes_and_padding_scores() -> None:
+    ta = _ta()
+    emb = torch.randn(3, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    s = ta(emb, mask)
+    assert s.shape == (3, 5)
+    assert torch.isfinite(s).all()
+    assert torch.all(s[~mask] == 0)
+
+
+@pytest.mark.parametrize("synergy", [True, False])
+def test_missing_path_changes_neither_other_scores_nor_student_loss(synergy: bool) -> None:
+    ta = _ta(synergy)
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(2, 4, 12, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    s1 = ta(emb, mask)
+    emb2 = emb.clone()
+    emb2[~mask] = torch.randn(int((~mask).sum()), 12, generator=g) * 100  # garbage in the padding slots
+    s2 = ta(emb2, mask)
+    assert torch.allclose(s1, s2, atol=1e-6)
+    # The same questions with the padding slots cut off score identically.
+    assert torch.allclose(ta(emb[:1, :3], mask[:1, :3]), s1[:1, :3], atol=1e-6)
+    # ... and the student loss does not see the padding either.
+    ce = torch.tensor([[1.0, 2.0, 3.0, 50.0], [0.5, 1.5, 80.0, 90.0]])
+    jsd = [torch.rand(4, 4).triu(1) + torch.rand(4, 4).triu(1).T for _ in range(2)]
+    alpha1 = L.path_weights(s1, L.select_paths(s1, mask, 0.2, 1.0), 1.0)
+    alpha2 = L.path_weights(s2, L.select_paths(s2, mask, 0.2, 1.0), 1.0)
+    ce2 = ce.clone()
+    ce2[~mask] = -7.0
+    assert float(L.student_loss(ce, alpha1, jsd, 0.5)[0]) == pytest.approx(float(L.student_loss(ce2, alpha2, jsd, 0.5)[0]))
+
+
+def test_synergy_layer_mixes_paths_and_can_be_switched_off() -> None:
+    emb = torch.randn(1, 3, 12)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    emb_changed = emb.clone()
+    emb_changed[0, 2] += 5.0  # change path 2 only
+    on, off = _ta(True), _ta(False)
+    # With synergy, path 0's score depends on path 2; without it, it does not.
+    assert not torch.allclose(on(emb, mask)[0, 0], on(emb_changed, mask)[0, 0])
+    assert torch.allclose(off(emb, mask)[0, 0], off(emb_changed, mask)[0, 0])
+
+
+def test_refuses_a_question_without_paths() -> None:
+    with pytest.raises(ValueError, match="at least one real path"):
+        _ta()(torch.randn(1, 2, 12), torch.zeros(1, 2, dtype=torch.bool))
+
+
+def test_ta_learns_to_rank_synthetic_losses() -> None:
+    """Per-path losses are a hidden function of the embeddings; after a few hundred ListNet-KL
+    steps the TA's scores must rank held-out paths like -loss (Spearman >= 0.8)."""
+    torch.manual_seed(0)
+    D, K = 16, 4
+    w = torch.randn(D)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb = torch.randn(n, K, D)
+        mask = torch.ones(n, K, dtype=torch.bool)
+        mask[: n // 3, 3] = False  # some questions have 3 paths
+        loss = (emb @ w).div(4).sigmoid() * 3 + 0.02 * torch.randn(n, K)
+        return emb, mask, loss
+
+    emb, mask, loss = make(256)
+    ta = TeachingAssistant(D, hidden_dim=32, num_heads=4, synergy=True, dropout=0.0)
+    opt = torch.optim.AdamW(ta.parameters(), lr=3e-3)
+    before_emb, before_mask, before_loss = make(128)
+    rho_before = L.mean_question_spearman(ta.eval()(before_emb, before_mask).detach(), -before_loss, before_mask)
+    ta.train()
+    for step in range(300):
+        idx = torch.randint(0, 256, (32,))
+        meta = L.listnet_kl(ta(emb[idx], mask[idx]), loss[idx], mask[idx], tau=0.5)
+        opt.zero_grad()
+        meta.backward()
+        opt.step()
+    rho = L.mean_question_spearman(ta.eval()(before_emb, before_mask).detach(), -before_loss, before_mask)
+    assert rho >= 0.8, f"Spearman {rho:.3f} (before training {rho_before:.3f})"
+
+
+def test_embeddings_are_cached_per_text(encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    q = ["What is 2 + 3?", "What is 2 + 3?", "Sam has 4 apples."]
+    r = ["2 + 3 = 5. The answer is 5.", "Add them: 5. The answer is 5.", "He has 4. The answer is 4."]
+    emb = embed_paths(q, r, str(encoder_dir), tmp_path)
+    assert emb.shape == (3, 2 * 384)
+    assert torch.allclose(emb[0, :384], emb[1, :384])  # same question, same half
+    assert not torch.allclose(emb[0, 384:], emb[1, 384:])
+    assert torch.allclose(emb[0, 384:].norm(), torch.tensor(1.0), atol=1e-4)
+
+    import sentence_transformers
+
+    def _no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the encoder was loaded although every text is cached")
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", _no_load)
+    again = embed_paths(q, r, str(encoder_dir), tmp_path)
+    assert torch.equal(emb, again)
+    # A new text does need the encoder.
+    with pytest.raises(AssertionError, match="encoder was loaded"):
+        encode_texts(["a brand new rationale"], str(encoder_dir), tmp_path)
