@@ -55,7 +55,7 @@ from torch import Tensor
 from pipeline import losses as L
 from pipeline.config import ConfigError, check, from_dict, to_dict
 from pipeline.perspectives import answer_instruction
-from pipeline.shards import atomic_write_json, config_hash, read_rows
+from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows
 from pipeline.ta import TeachingAssistant, embed_paths
 from stages.cli import field
 
@@ -114,8 +114,8 @@ class DistillConfig:
     # losses and TA
     consistency_weight: float = field(0.5, help="λ: weight of the answer-consistency JSD term (mcc, mind)")
     beta: float = field(0.3, help="selection threshold β in [0, 1] on TA softmax probabilities (0: keep all)")
-    tau: float = field(1.0, help="τ of the ListNet-KL meta loss")
-    tau_student: float = field(1.0, help="τ_student of the selection probabilities and the weights α")
+    tau: float = field(0.5, help="τ of the ListNet-KL meta loss (in per-token loss units: nats)")
+    tau_student: float = field(0.5, help="τ_student of the selection probabilities and the weights α")
     synergy: bool = field(True, help="TA synergy layer (self-attention across a question's paths)")
     ta_hidden: int = field(256, help="TA hidden size")
     ta_heads: int = field(4, help="TA synergy attention heads")
@@ -608,6 +608,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     t_start = time.time()
+    read_manifest(cfg.filtered_dir)  # fail fast, before any model loads, when the filtered set is missing
     accelerator = Accelerator(cpu=cfg.force_cpu or not torch.accelerator.is_available(),
                               gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device

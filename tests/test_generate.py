@@ -305,3 +305,13 @@ def test_kill_and_resume(tmp_path: Path, embedded_model_dir: Path) -> None:
     assert stats["generated_rows"] == 12 - stats["resumed_rows"]
     table = _check_output(out, 6 * 2 * 1, 64)
     assert sorted(set(table.column("question_id").to_pylist())) == [f"q{i}" for i in range(6)]
+
+
+def test_data_parallel_replicas_get_disjoint_cpu_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.engine import _cpu_binds
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert _cpu_binds(2, 2) == ["0,1|2,3", "4,5|6,7"]
+    assert _cpu_binds(2, 1) == ["0,1,2,3", "4,5,6,7"]
+    with pytest.raises(ValueError, match="9 CPU ranks, only 8 cores"):
+        _cpu_binds(3, 3)
