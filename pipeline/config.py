@@ -124,3 +124,13 @@ def check(condition: bool, message: str) -> None:
     """Validation helper for ``__post_init__``: raise ConfigError(message) unless condition."""
     if not condition:
         raise ConfigError(message)
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """``override`` over ``base``: mappings merge recursively; lists and scalars replace."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = deep_merge(base[key], value) if key in base else value
+        return out
+    return override

@@ -16,7 +16,9 @@ with a Dirichlet-process Gaussian mixture (scikit-learn's ``BayesianGaussianMixt
 given, the prior switches unneeded components off. Reported per representation: the number
 of effective clusters (clusters holding at least ``min_share`` of the points)
 and the adjusted Rand index / normalised mutual information between cluster assignments and
-perspective labels (1 = the clusters are exactly the perspectives, 0 = unrelated).
+perspective labels (1 = the clusters are exactly the perspectives, 0 = unrelated); the same
+against the question ids (``ari_question``, ``nmi_question``) tells whether a representation
+groups rationales by question content instead.
 
 Writes ``metrics/analyze.json`` (DVC metrics), ``data/analysis/tsne.png`` (one t-SNE map per
 representation, points coloured by perspective; a DVC plot) and ``data/analysis/points/``
@@ -145,9 +147,14 @@ def effective_clusters(assigned: np.ndarray, min_share: float) -> int:
 
 
 def cluster_stats(
-    x: np.ndarray, labels: list[str], cfg: AnalyzeConfig
+    x: np.ndarray, labels: list[str], cfg: AnalyzeConfig, questions: list[str] | None = None
 ) -> tuple[dict[str, float | int], np.ndarray]:
-    """Reduce, cluster and score one representation against the perspective labels."""
+    """Reduce, cluster and score one representation against the perspective labels.
+
+    With ``questions`` (the question id of every point) the clusters are also scored against
+    the questions: a representation may group rationales by what they are about rather than
+    by how they reason (``ari_question`` high, ``ari`` low).
+    """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     z = reduce_dims(x, cfg.pca_dim, cfg.seed)
@@ -159,6 +166,9 @@ def cluster_stats(
         "ari": float(adjusted_rand_score(labels, assigned)),
         "nmi": float(normalized_mutual_info_score(labels, assigned)),
     }
+    if questions is not None:
+        stats["ari_question"] = float(adjusted_rand_score(questions, assigned))
+        stats["nmi_question"] = float(normalized_mutual_info_score(questions, assigned))
     return stats, assigned
 
 
@@ -280,10 +290,11 @@ def run(cfg: AnalyzeConfig) -> dict[str, Any]:
     maps: dict[str, np.ndarray] = {}
     points: list[dict[str, Any]] = []
     for space, x in spaces.items():
-        stats[space], assigned = cluster_stats(x, labels, cfg)
+        stats[space], assigned = cluster_stats(x, labels, cfg, [r["question_id"] for r in sample])
         maps[space] = tsne_2d(x, cfg.perplexity, cfg.seed)
-        log.info("%s (dim %d): %d effective clusters, ARI %.3f, NMI %.3f", space, x.shape[1],
-                 stats[space]["effective_clusters"], stats[space]["ari"], stats[space]["nmi"])
+        log.info("%s (dim %d): %d effective clusters; vs perspectives ARI %.3f, NMI %.3f; vs questions ARI %.3f",
+                 space, x.shape[1], stats[space]["effective_clusters"], stats[space]["ari"], stats[space]["nmi"],
+                 stats[space]["ari_question"])
         for r, c, (tx, ty) in zip(sample, assigned.tolist(), maps[space].tolist()):
             points.append({"space": space, "question_id": r["question_id"], "perspective": r["perspective"],
                            "sample_index": r["sample_index"], "cluster": c, "tsne_x": tx, "tsne_y": ty})

@@ -11,12 +11,21 @@ import os
 
 import typer
 
-from stages import models, prepare
-from stages import generate
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, deep_merge, from_dict
+from pipeline.shards import atomic_write_text
+from stages import analyze, distill, evaluate, generate, models, prepare, report
 from stages import filter as filter_stage
-from stages import distill
-from stages import analyze, evaluate, report
 from stages.cli import command
+
+CONFIGS: dict[str, type] = {
+    "models": models.ModelsConfig, "prepare": prepare.PrepareConfig, "generate": generate.GenerateConfig,
+    "filter": filter_stage.FilterConfig, "distill": distill.DistillConfig, "evaluate": evaluate.EvaluateConfig,
+    "report": report.ReportConfig, "analyze": analyze.AnalyzeConfig,
+}
 
 # vLLM on a CPU host keeps one core for itself unless told otherwise; on a 2-core machine
 # that halves throughput. Harmless on GPU hosts.
@@ -47,6 +56,27 @@ app.command("distill", help=distill.__doc__)(command(distill.DistillConfig, "dis
 app.command("evaluate", help=evaluate.__doc__)(command(evaluate.EvaluateConfig, "evaluate", evaluate.run))
 app.command("report", help=report.__doc__)(command(report.ReportConfig, "report", report.run))
 app.command("analyze", help=analyze.__doc__)(command(analyze.AnalyzeConfig, "analyze", analyze.run))
+
+
+@app.command("params")
+def params_override(
+    override: Path = typer.Argument(..., help="YAML params override, e.g. configs/paper.yaml"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file to update in place"),
+) -> None:
+    """Merge a params override (e.g. configs/paper.yaml) into params.yaml: mappings merge key by
+    key, lists and scalars replace. The result is validated against every stage's config first.
+
+        mind params configs/paper.yaml
+    """
+    merged = deep_merge(yaml.safe_load(params.read_text()) or {}, yaml.safe_load(override.read_text()) or {})
+    try:
+        for section, cls in CONFIGS.items():
+            from_dict(cls, merged.get(section) or {}, section)
+    except ConfigError as e:
+        logging.getLogger("mind").error("%s: %s", override, e)
+        raise SystemExit(2) from None
+    atomic_write_text(params, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    logging.getLogger("mind").info("merged %s into %s", override, params)
 
 
 if __name__ == "__main__":

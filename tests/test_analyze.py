@@ -36,6 +36,14 @@ def test_dpmm_finds_known_clusters(k: int, dim: int, seed: int) -> None:
     assert len(assigned) == len(labels)
 
 
+def test_clusters_scored_against_questions_too() -> None:
+    """Points grouped by question, perspectives spread across them: question ARI high, perspective ARI ~0."""
+    x, qs = blobs(4, 24, 64, sep=3.0, seed=5)
+    perspectives = [f"p{i % 6}" for i in range(len(qs))]
+    stats, _ = cluster_stats(x, perspectives, AnalyzeConfig(), questions=qs)
+    assert stats["ari_question"] > 0.9 and stats["ari"] < 0.1
+
+
 def test_dpmm_on_structureless_data_finds_no_perspective_clusters() -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(160, 64))
@@ -119,7 +127,7 @@ def test_analyze_on_real_models(tmp_path: Path, embedded_model_dir: Path, encode
     assert on_disk == json.loads(json.dumps(metrics))
     for space in ("encoder", "base"):
         s = on_disk[space]
-        assert set(s) == {"n", "effective_clusters", "occupied_clusters", "ari", "nmi"}
+        assert set(s) == {"n", "effective_clusters", "occupied_clusters", "ari", "nmi", "ari_question", "nmi_question"}
         assert s["n"] == 12 and 1 <= s["effective_clusters"] <= 6
         assert -1.0 <= s["ari"] <= 1.0 and 0.0 <= s["nmi"] <= 1.0
     # The two styles differ in wording and length: the sentence encoder separates them.

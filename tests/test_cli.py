@@ -45,3 +45,22 @@ def test_overrides_and_clear_errors(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert "prepare.limit must be positive" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_params_override_merges_and_validates(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    params = tmp_path / "params.yaml"
+    params.write_text((root / "params.yaml").read_text())
+    result = runner.invoke(app, ["params", str(root / "configs" / "paper.yaml"), "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    merged = yaml.safe_load(params.read_text())
+    paper = yaml.safe_load((root / "configs" / "paper.yaml").read_text())
+    assert merged["prepare"]["train"] == paper["prepare"]["train"]
+    assert merged["report"] == yaml.safe_load((root / "params.yaml").read_text())["report"] | paper.get("report", {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: {limit: -3}\n")
+    before = params.read_text()
+    assert runner.invoke(app, ["params", str(bad), "--params", str(params)]).exit_code == 2
+    assert params.read_text() == before

@@ -8,12 +8,13 @@ accelerate's own loader; perspective files in sub-folders with ``pipeline.perspe
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from pipeline.config import deep_merge
 
 from pipeline.config import ConfigError, from_dict
 from stages import analyze, distill, evaluate, generate, models, prepare, report
@@ -32,16 +33,6 @@ CONFIG_CLASSES: dict[str, type] = {
 }
 ACCELERATE_DIR = ROOT / "configs" / "accelerate"
 OVERRIDES = sorted((ROOT / "configs").glob("*.yaml"))
-
-
-def deep_merge(base: Any, override: Any) -> Any:
-    """``override`` over ``base``: mappings merge recursively, anything else replaces."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        out = copy.deepcopy(base)
-        for key, value in override.items():
-            out[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
-        return out
-    return copy.deepcopy(override)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
