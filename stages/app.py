@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 
 import typer
 
@@ -41,6 +43,9 @@ app = typer.Typer(
 
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    # SIGTERM (timeout, a job scheduler) becomes SystemExit, so `finally` blocks shut vLLM's
+    # engine processes down instead of leaving them orphaned and holding the cores.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
