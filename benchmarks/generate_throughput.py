@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32", help="both backends; bf16 is emulated on AVX2-only CPUs")
     ap.add_argument("--hf-batch-sizes", default="8,16,32,64", help="comma-separated transformers batch sizes")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,

@@ -48,7 +48,9 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 class EngineConfig:
     """vLLM engine settings (one engine per data-parallel replica)."""
 
-    dtype: str = "bfloat16"  # auto | bfloat16 | float16 | float32
+    # float32 suits CPU hosts without AVX512-BF16 (bf16 is emulated there and several times
+    # slower); use bfloat16 on GPUs. "auto" takes the checkpoint's dtype.
+    dtype: str = "float32"
     max_model_len: int = 2048  # prompt + completion tokens per sequence
     gpu_memory_utilization: float = 0.5  # share of GPU memory (on CPU: of RAM, <= 0.5)
     enforce_eager: bool = True  # skip graph capture / compilation: ~30 s faster start-up on CPU
