@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-p", type=float, default=1.0, help="the generate default: top_p < 1 sorts the vocabulary every step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", help="both backends; bf16 is emulated on AVX2-only CPUs")
     ap.add_argument("--hf-batch-sizes", default="8,16,32,64", help="comma-separated transformers batch sizes")

@@ -138,7 +138,11 @@ def evaluate_model(
     lora_request: LoRARequest | None = None,
     max_model_len: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Prediction rows per dataset: one greedy batched generation call per dataset.
+    """Prediction rows per dataset, from one greedy batched generation call over all datasets.
+
+    One call, not one per dataset: a small dataset alone keeps only a few sequences in flight,
+    which leaves most of the engine idle (on 2 CPU cores, 90 questions in five per-dataset
+    calls took about twice as long as in one).
 
     With ``max_model_len``, a prompt that leaves less than ``max_tokens`` of room is an
     error naming the question (the engine would otherwise cut that answer short or fail the
@@ -149,29 +153,33 @@ def evaluate_model(
     from pipeline.engine import chat_prompts
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    out: dict[str, list[dict[str, Any]]] = {}
+    prompts: list[str] = []
     for dataset, rows in questions.items():
-        prompts = chat_prompts(tokenizer, [user_message(prompt, r) for r in rows])
+        texts = chat_prompts(tokenizer, [user_message(prompt, r) for r in rows])
         if max_model_len is not None:
-            for row, text in zip(rows, prompts):
+            for row, text in zip(rows, texts):
                 n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
                 if n + max_tokens > max_model_len:
                     raise ValueError(f"{dataset}: question {row['id']} has a {n}-token prompt; with max_tokens "
                                      f"{max_tokens} it needs engine.max_model_len >= {n + max_tokens} "
                                      f"(now {max_model_len})")
-        t0 = time.perf_counter()
-        completions = engine_generate(engine, prompts, params, lora_request)
-        secs = time.perf_counter() - t0
+        prompts.extend(texts)
+    t0 = time.perf_counter()
+    completions = iter(engine_generate(engine, prompts, params, lora_request))
+    secs = time.perf_counter() - t0
+    out: dict[str, list[dict[str, Any]]] = {}
+    for dataset, rows in questions.items():
         preds = []
         for row, (c,) in zip(rows, completions):
             preds.append({"model": model_name, "dataset": dataset, "id": row["id"], "output": c.text,
                           "gold": row["answer"], "answer_type": row["answer_type"],
                           "num_tokens": c.num_tokens, "finish_reason": c.finish_reason, **score(c.text, row)})
-        tokens = sum(p["num_tokens"] for p in preds)
-        log.info("%s on %s: %d questions, %d output tokens in %.1f s (%.0f tok/s), accuracy %.3f",
-                 model_name, dataset, len(rows), tokens, secs, tokens / max(secs, 1e-9),
-                 sum(p["correct"] for p in preds) / max(1, len(preds)))
+        log.info("%s on %s: %d questions, %d output tokens, accuracy %.3f", model_name, dataset, len(rows),
+                 sum(p["num_tokens"] for p in preds), sum(p["correct"] for p in preds) / max(1, len(preds)))
         out[dataset] = preds
+    tokens = sum(p["num_tokens"] for preds in out.values() for p in preds)
+    log.info("%s: %d questions, %d output tokens in %.1f s (%.0f tok/s)", model_name, len(prompts), tokens, secs,
+             tokens / max(secs, 1e-9))
     return out
 
 

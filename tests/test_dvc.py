@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -60,3 +61,45 @@ def test_repro_cold_then_cached_then_param_change(tmp_path: Path, shared_data: P
     assert "Running stage 'prepare'" in changed.stdout and "Running stage 'models'" not in changed.stdout
     manifest = yaml.safe_load((repo / "data/prepared/train/manifest.json").read_text())
     assert manifest["num_rows"] == 50
+
+
+@pytest.mark.slow
+def test_whole_pipeline_on_the_smoke_override(tmp_path: Path, shared_data: Path) -> None:
+    """`mind params configs/smoke.yaml && dvc repro`: every stage runs, every output is complete,
+    the metrics are readable by DVC, and a second `dvc repro` reruns nothing."""
+    repo = _project_copy(tmp_path / "repo")
+    bindir = Path(sys.executable).parent
+    subprocess.run([f"{bindir}/mind", "params", "configs/smoke.yaml"], cwd=repo, check=True, capture_output=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["generate"]["n"] == 2 and params["filter"]["min_questions"] == 1  # the override took
+    assert params["distill"]["lr"] == 0.0003  # ... and kept what it does not name
+    params["prepare"]["shared_dir"] = str(shared_data)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    cold = _dvc(repo, "repro")
+    methods = ["single", "uniform", "mcc", "mind"]
+    stages = ["models", "prepare", "generate", "filter", *(f"distill@{m}" for m in methods),
+              *(f"evaluate@{m}" for m in ["base", *methods]), "report", "analyze"]
+    for stage in stages:
+        assert f"Running stage '{stage}'" in cold.stdout, stage
+
+    # every shard folder has its manifest; every other output its written-last file
+    for folder in ["data/prepared/train", "data/prepared/embedded", "data/rationales", "data/filtered",
+                   "data/analysis/points", *(f"data/eval/{m}/embedded" for m in ["base", *methods])]:
+        assert (repo / folder / "manifest.json").exists(), folder
+    assert (repo / "data/models/models.json").exists()
+    for m in methods:
+        assert (repo / f"data/students/{m}/metrics.json").exists(), m
+        assert (repo / f"data/students/{m}/merged/config.json").exists(), m
+    assert (repo / "data/students/mind/ta.pt").exists()
+    assert (repo / "reports/summary.md").read_text().count("|") > 10
+    assert (repo / "reports/accuracy.png").stat().st_size > 0 and (repo / "data/analysis/tsne.png").stat().st_size > 0
+    rows = yaml.safe_load((repo / "data/rationales/manifest.json").read_text())["num_rows"]
+    assert rows == 8 * 8 * 2
+
+    shown = _dvc(repo, "metrics", "show", "--json")
+    base = json.loads(shown.stdout)[""]["data"]["metrics/eval/base.json"]["data"]
+    assert base["id"]["embedded"]["n"] == 6 and base["ood"]["csqa"]["n"] == 2
+
+    again = _dvc(repo, "repro")
+    assert "Running stage" not in again.stdout, again.stdout

@@ -136,7 +136,7 @@ def test_config_hash_tracks_generation_params_only(tmp_path: Path) -> None:
     changed = [
         h(_cfg(tmp_path, temperature=0.3)), h(_cfg(tmp_path, top_p=0.5)), h(_cfg(tmp_path, max_tokens=7)),
         h(_cfg(tmp_path, seed=5)), h(_cfg(tmp_path, n=2)), h(_cfg(tmp_path, shard_size=3)),
-        h(_cfg(tmp_path, engine={"dtype": "float32"})),
+        h(_cfg(tmp_path, engine={"dtype": "bfloat16"})),
         h(_cfg(tmp_path, teachers=[{"name": "t", "model": "data/models/smollm2-135m-instruct", "temperature": 0.1}])),
         h(_cfg(tmp_path), perspectives=list(BUILTIN[:2])),
         h(_cfg(tmp_path), qids=ids[:3]),
