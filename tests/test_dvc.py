@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _project_copy(dest: Path) -> Path:
-    """The project's tracked and untracked-but-not-ignored files, in a new git repo."""
+    """The project's tracked and untracked-but-not-ignored files, committed to a new git repo."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
@@ -25,6 +25,10 @@ def _project_copy(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    # committed, like a clone: dvclive (in distill) needs a HEAD revision
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy"],
+                   cwd=dest, check=True)
     return dest
 
 
