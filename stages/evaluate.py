@@ -13,7 +13,7 @@ Every model gets the same prompt: ``prompt`` (a zero-shot chain-of-thought instr
 filled with the question as the model sees it (``format_question``: stem and lettered
 options) and the answer-type instruction ``The answer is X.`` (the one the teacher prompts
 end with, ``pipeline.perspectives.answer_instruction``), wrapped in the model's chat
-template. Decoding is greedy, one batched vLLM call per (model, dataset). Answers are
+template. Decoding is greedy, one batched vLLM call over all the datasets. Answers are
 extracted and judged with ``pipeline.answers`` (the functions ``filter`` uses); numeric
 datasets also get lm-eval's GSM8K strict-match / flexible-extract scores.
 
