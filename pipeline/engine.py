@@ -129,7 +129,7 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         kwargs["distributed_executor_backend"] = "mp"
     log.info("loading vLLM engine on %s (dtype %s, tp %d, max_model_len %d, eager %s)",
              model, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
-    llm = LLM(
+    return LLM(
         model=model,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
@@ -141,7 +141,6 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
-    return llm
 
 
 def _on_cpu() -> bool:

@@ -10,11 +10,9 @@ import logging
 import os
 import signal
 import sys
-
-import typer
-
 from pathlib import Path
 
+import typer
 import yaml
 
 from pipeline.config import ConfigError, deep_merge, from_dict

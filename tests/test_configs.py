@@ -14,23 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import deep_merge
-
-from pipeline.config import ConfigError, from_dict
-from stages import analyze, distill, evaluate, generate, models, prepare, report
-from stages import filter as filter_stage
+from pipeline.config import ConfigError, deep_merge, from_dict
+from stages.app import CONFIGS as CONFIG_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_CLASSES: dict[str, type] = {
-    "models": models.ModelsConfig,
-    "prepare": prepare.PrepareConfig,
-    "generate": generate.GenerateConfig,
-    "filter": filter_stage.FilterConfig,
-    "distill": distill.DistillConfig,
-    "evaluate": evaluate.EvaluateConfig,
-    "report": report.ReportConfig,
-    "analyze": analyze.AnalyzeConfig,
-}
 ACCELERATE_DIR = ROOT / "configs" / "accelerate"
 OVERRIDES = sorted((ROOT / "configs").glob("*.yaml"))
 
