@@ -25,6 +25,7 @@ import gc
 import logging
 import multiprocessing as mp
 import os
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -109,8 +110,9 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
     if cfg.enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+    on_cpu = _on_cpu()
     chunked = cfg.enable_chunked_prefill
-    if chunked is None and _on_cpu():
+    if chunked is None and on_cpu:
         chunked = False
     if chunked is not None:
         kwargs["enable_chunked_prefill"] = chunked
@@ -119,17 +121,16 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 4096, cfg.max_model_len)
     elif cfg.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-    if _on_cpu():
-        # On CPU, run the engine core in this process: the engine-core process vLLM spawns by default
-        # costs start-up (measured on 2 cores: 35 s -> 22 s) and IPC. The worker keeps its own
-        # process ("mp"): vLLM's model-parallel state is per process, and an in-process worker
-        # ("uni", 8-9 s) breaks any other engine in the same process when it shuts down.
-        # GPUs keep vLLM's default.
+    if on_cpu:
+        # On CPU, run the whole engine in this process: vLLM's separate engine-core and worker
+        # processes cost start-up (measured on 2 cores: 35 s -> 8-9 s) and IPC. Tensor
+        # parallelism still needs one worker process per rank. GPUs keep vLLM's default.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kwargs["distributed_executor_backend"] = "mp"
+        kwargs["distributed_executor_backend"] = "uni" if cfg.tensor_parallel_size == 1 else "mp"
+        _teardown_with_last_engine()
     log.info("loading vLLM engine on %s (dtype %s, tp %d, max_model_len %d, eager %s)",
              model, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
-    return LLM(
+    llm = LLM(
         model=model,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
@@ -141,6 +142,37 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    if on_cpu:
+        _live_engines.add(llm)
+    return llm
+
+
+# In-process engines alive in this process. vLLM keeps its distributed groups in per-process
+# globals, shared by every in-process engine, and an engine's shutdown tears them down: without
+# this, unloading one engine breaks every other one still alive in the process (tests share one
+# engine for the whole session; a notebook may hold two). A weak set, so an engine that is
+# garbage-collected instead of unloaded leaves it too.
+_live_engines: weakref.WeakSet[LLM] = weakref.WeakSet()
+_teardown_deferred = False
+
+
+def _teardown_with_last_engine() -> None:
+    """Make vLLM's per-process distributed teardown wait for the last in-process engine."""
+    global _teardown_deferred
+    if _teardown_deferred:
+        return
+    import vllm.v1.engine.core as engine_core
+
+    teardown = engine_core.cleanup_dist_env_and_memory
+
+    def teardown_when_last(shutdown_ray: bool = False) -> None:
+        if _live_engines:
+            gc.collect()
+        else:
+            teardown(shutdown_ray)
+
+    engine_core.cleanup_dist_env_and_memory = teardown_when_last
+    _teardown_deferred = True
 
 
 def _on_cpu() -> bool:
@@ -151,6 +183,7 @@ def _on_cpu() -> bool:
 
 def unload_llm(llm: LLM) -> None:
     """Shut the engine's worker processes down and free its memory before the next model loads."""
+    _live_engines.discard(llm)  # before shutdown: the teardown checks who is still alive
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()

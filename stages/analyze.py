@@ -68,7 +68,7 @@ class AnalyzeConfig:
     )
     per_perspective: int = field(12, help="rationales sampled per perspective (seeded)")
     only_finished: bool = field(True, help="use only rationales that ended on their own (finish_reason stop)")
-    max_length: int = field(96, help="tokens per rationale fed to the student (longer ones are truncated)")
+    max_length: int = field(96, help="tokens per rationale fed to the encoder and the students (longer ones are truncated)")
     batch_size: int = field(16, help="rationales per forward pass")
     pca_dim: int = field(16, help="PCA dimensions the mixture is fitted in")
     max_components: int = field(16, help="upper bound on mixture components (the DP prior prunes the rest)")
@@ -196,12 +196,14 @@ def sample_rationales(rows: list[dict[str, Any]], per_perspective: int, seed: in
     return out
 
 
-def encoder_embeddings(encoder_dir: Path, texts: list[str], batch_size: int) -> np.ndarray:
+def encoder_embeddings(encoder_dir: Path, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
     if not Path(encoder_dir).is_dir():
         raise FileNotFoundError(f"sentence encoder {encoder_dir} does not exist (run `mind models`)")
     model = SentenceTransformer(str(encoder_dir), device="cpu")
+    # The same opening window the students see, so the three spaces embed the same text.
+    model.max_seq_length = min(model.max_seq_length, max_length)
     return model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
 
 
@@ -282,7 +284,7 @@ def run(cfg: AnalyzeConfig) -> dict[str, Any]:
     texts = [r["text"] for r in sample]
     labels = [r["perspective"] for r in sample]
 
-    spaces: dict[str, np.ndarray] = {"encoder": encoder_embeddings(cfg.encoder_dir, texts, cfg.batch_size)}
+    spaces: dict[str, np.ndarray] = {"encoder": encoder_embeddings(cfg.encoder_dir, texts, cfg.max_length, cfg.batch_size)}
     for name, model_dir in cfg.students.items():
         spaces[name] = student_embeddings(Path(model_dir), texts, cfg.max_length, cfg.batch_size)
 
