@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
@@ -26,6 +27,20 @@ CONFIGS: dict[str, type] = {
     "filter": filter_stage.FilterConfig, "distill": distill.DistillConfig, "evaluate": evaluate.EvaluateConfig,
     "report": report.ReportConfig, "analyze": analyze.AnalyzeConfig,
 }
+
+
+
+def validate_params(params: dict[str, Any], source: str) -> dict[str, Any]:
+    """Every stage's config built from a whole params mapping: section -> config object.
+
+    Raises ConfigError for a section no stage reads (a typo such as ``evalute:`` would
+    otherwise be kept and silently ignored) as well as for a bad key or value in a known one.
+    """
+    unknown = sorted(set(params) - set(CONFIGS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; the stages are {sorted(CONFIGS)}")
+    return {section: from_dict(cls, params.get(section) or {}, section) for section, cls in CONFIGS.items()}
+
 
 # vLLM on a CPU host keeps one core for itself unless told otherwise; on a 2-core machine
 # that halves throughput. Harmless on GPU hosts.
@@ -73,8 +88,7 @@ def params_override(
     """
     merged = deep_merge(yaml.safe_load(params.read_text()) or {}, yaml.safe_load(override.read_text()) or {})
     try:
-        for section, cls in CONFIGS.items():
-            from_dict(cls, merged.get(section) or {}, section)
+        validate_params(merged, str(override))
     except ConfigError as e:
         logging.getLogger("mind").error("%s: %s", override, e)
         raise SystemExit(2) from None

@@ -59,8 +59,9 @@ def test_params_override_merges_and_validates(tmp_path: Path) -> None:
     paper = yaml.safe_load((root / "configs" / "paper.yaml").read_text())
     assert merged["prepare"]["train"] == paper["prepare"]["train"]
     assert merged["report"] == yaml.safe_load((root / "params.yaml").read_text())["report"] | paper.get("report", {})
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("prepare: {limit: -3}\n")
     before = params.read_text()
-    assert runner.invoke(app, ["params", str(bad), "--params", str(params)]).exit_code == 2
-    assert params.read_text() == before
+    bad = tmp_path / "bad.yaml"
+    for text in ("prepare: {limit: -3}\n", "evalute: {max_tokens: 64}\n"):  # a bad value; a misspelt stage
+        bad.write_text(text)
+        assert runner.invoke(app, ["params", str(bad), "--params", str(params)]).exit_code == 2, text
+        assert params.read_text() == before
