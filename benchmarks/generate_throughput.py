@@ -79,7 +79,11 @@ def main() -> None:
     print(f"vllm: engine start-up {startup:.1f} s (enforce_eager={args.enforce_eager}); "
           f"{v_tokens} output tokens in {v_secs:.1f} s = {v_rate:.1f} tokens/s")
 
+    import torch
+
     hf = HFGenerator(args.model, args.dtype, 1)
+    # Same process as the vLLM run above: show that transformers still gets every core.
+    print(f"transformers: {torch.get_num_threads()} torch threads")
     results = {}
     for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:
         hf.batch_size = bs
