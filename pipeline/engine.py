@@ -127,7 +127,10 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         # parallelism still needs one worker process per rank. GPUs keep vLLM's default.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs["distributed_executor_backend"] = "uni" if cfg.tensor_parallel_size == 1 else "mp"
-        _teardown_with_last_engine()
+        # EngineCore.shutdown calls the name it imported from vllm.distributed; replace it there.
+        import vllm.v1.engine.core as engine_core
+
+        engine_core.cleanup_dist_env_and_memory = _teardown_when_last
     log.info("loading vLLM engine on %s (dtype %s, tp %d, max_model_len %d, eager %s)",
              model, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
     llm = LLM(
@@ -153,26 +156,16 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
 # engine for the whole session; a notebook may hold two). A weak set, so an engine that is
 # garbage-collected instead of unloaded leaves it too.
 _live_engines: weakref.WeakSet[LLM] = weakref.WeakSet()
-_teardown_deferred = False
 
 
-def _teardown_with_last_engine() -> None:
-    """Make vLLM's per-process distributed teardown wait for the last in-process engine."""
-    global _teardown_deferred
-    if _teardown_deferred:
-        return
-    import vllm.v1.engine.core as engine_core
+def _teardown_when_last(shutdown_ray: bool = False) -> None:
+    """vLLM's per-process distributed teardown, run only once no in-process engine is left."""
+    from vllm.distributed import cleanup_dist_env_and_memory
 
-    teardown = engine_core.cleanup_dist_env_and_memory
-
-    def teardown_when_last(shutdown_ray: bool = False) -> None:
-        if _live_engines:
-            gc.collect()
-        else:
-            teardown(shutdown_ray)
-
-    engine_core.cleanup_dist_env_and_memory = teardown_when_last
-    _teardown_deferred = True
+    if _live_engines:
+        gc.collect()
+    else:
+        cleanup_dist_env_and_memory(shutdown_ray)
 
 
 def _on_cpu() -> bool:

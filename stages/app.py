@@ -29,7 +29,6 @@ CONFIGS: dict[str, type] = {
 }
 
 
-
 def validate_params(params: dict[str, Any], source: str) -> dict[str, Any]:
     """Every stage's config built from a whole params mapping: section -> config object.
 
