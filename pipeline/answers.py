@@ -12,8 +12,8 @@ when no answer can be found. ``is_correct(pred, gold, answer_type)`` compares a 
 with the canonical gold (exact numbers, letters, yes/no; ``math`` through the math-verify
 library). ``answer_suffix(gold, answer_type)`` is the one canonical answer sentence
 ("The answer is 42.") that every kept rationale of a question ends with, and
-``canonicalise_answer(text, gold, answer_type)`` swaps a rationale's own final answer
-sentence for it.
+``canonical_rationale(text, gold, answer_type)`` turns a rationale into training text: its
+reasoning (answer statements removed wherever they stood) followed by that sentence.
 
 Where to look, for every type: the *answer sentence* first, i.e. the text after the last
 "The answer is" / "Final answer:" / "Answer:" / "####" (the generation prompts of
@@ -33,7 +33,7 @@ import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, NamedTuple
 
 AnswerType = Literal["number", "choice", "yesno", "math"]
 ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yesno", "math")
@@ -387,30 +387,119 @@ def is_correct(pred: str | None, gold: str, answer_type: AnswerType) -> bool:
 # ---------------------------------------------------------------- canonical answer suffix
 
 # Connectives left dangling when the answer sentence is cut out of "..., so the answer is 8."
-_DANGLING_RE = re.compile(r"(?:[\s,;:]*\b(?:so|thus|therefore|hence|and|then)\b)?[\s,;:*_#\-]*$", re.IGNORECASE)
+_DANGLING_RE = re.compile(r"(?:[\s,;:*_#\-]*\b(?:so|thus|therefore|hence|and|then)\b)?[\s,;:*_#\-]*$", re.IGNORECASE)
+# Where a clause ends: a period not followed by a digit, "!", "?", a line break, "," or ";".
+_CLAUSE_END_RE = re.compile(r"\.(?!\d)|[!?\n,;]")
+# What may stand between a clause start and an answer anchor for the anchor to open an answer
+# *statement* ("So the answer is 8.", "**Final Answer:** 8"). Anything else makes it a mention
+# inside reasoning ("Let's see what the correct answer is: Tom has 5 ...") that stays.
+_STATEMENT_LEAD_RE = re.compile(r"[\s*_#>\-]*(?:(?:so|thus|therefore|hence|then|and)\b[\s,]*)?", re.IGNORECASE)
+# Text after the final answer statement counts as reasoning (and stays) when it computes or
+# explains: a digit, an "=", or at least this many words. Shorter chatter ("I hope this
+# helps!") is dropped.
+_TAIL_MIN_WORDS = 8
+REWRITES = ("answer_last", "answer_first", "answer_in_middle", "no_answer_sentence")
+
+
+class Canonical(NamedTuple):
+    """A rationale rewritten to end in the canonical answer sentence.
+
+    ``text[offset:]`` is ``answer_suffix(gold)`` and ``text[:offset]`` the reasoning (empty for a
+    bare answer). ``rewrite`` says where the teacher had stated its answer: ``answer_last`` (the
+    usual "... so the answer is 8."), ``answer_first`` (an answer statement before any
+    reasoning), ``answer_in_middle`` (reasoning both before and after it) or
+    ``no_answer_sentence`` (none: the suffix is appended). ``tail_dropped`` is True when short
+    chatter after the final answer statement was removed.
+    """
+
+    text: str
+    offset: int
+    rewrite: str
+    tail_dropped: bool
+
+
+def _answer_statements(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every answer statement: an answer anchor that opens its clause (after at
+    most a connective such as "so" or "Therefore,"), through the end of its sentence."""
+    spans: list[tuple[int, int]] = []
+    for m in ANSWER_ANCHOR_RE.finditer(text):
+        if spans and m.start() < spans[-1][1]:
+            continue
+        ends = [e.end() for e in _CLAUSE_END_RE.finditer(text, 0, m.start())]
+        clause = ends[-1] if ends else 0
+        if not _STATEMENT_LEAD_RE.fullmatch(text, clause, m.start()):
+            continue
+        body = m.end() + len(text[m.end():]) - len(text[m.end():].lstrip())
+        stop = _SENTENCE_END_RE.search(text, body)
+        spans.append((clause, stop.end() if stop else len(text)))
+    return spans
+
+
+def _is_reasoning(segment: str) -> bool:
+    return bool(re.search(r"\d|=", segment)) or len(segment.split()) >= _TAIL_MIN_WORDS
+
+
+def _clean_piece(piece: str) -> str:
+    """A piece of reasoning left beside a removed answer statement: no dangling connective, and a
+    sentence end."""
+    piece = _DANGLING_RE.sub("", piece.strip()).strip()
+    if piece and piece[-1] not in ".!?:)]}$\"'":
+        piece += "."
+    return piece
+
+
+def canonical_rationale(text: str, gold: str, answer_type: AnswerType) -> Canonical:
+    """``text`` as training text: its reasoning, in order, followed by ``answer_suffix(gold)``.
+
+    Every answer *statement* is removed, wherever it stands: "The answer is 2. Tom has 5 ..."
+    keeps "Tom has 5 ..." and gets the suffix at the end, never becomes the bare suffix. A
+    mention of the answer inside reasoning ("what the correct answer is: Tom has ...") is not a
+    statement and stays. Short chatter after the final statement is dropped. The suffix follows
+    a line break if the last statement stood on its own line, else a space.
+    """
+    suffix = answer_suffix(gold, answer_type)
+    spans = _answer_statements(text)
+    if not spans:
+        body = _clean_piece(text)
+        return Canonical(body + " " + suffix if body else suffix, len(body) + 1 if body else 0,
+                         "no_answer_sentence", False)
+    bounds = [0, *(x for span in spans for x in span), len(text)]
+    pieces = [text[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]  # len(spans) + 1 pieces
+    tail_dropped = bool(pieces[-1].strip()) and not _is_reasoning(pieces[-1])
+    if tail_dropped:
+        pieces[-1] = ""
+    has = [bool(_clean_piece(p)) for p in pieces]
+    rewrite = "answer_last"
+    for i in range(len(spans)):
+        before, after = any(has[: i + 1]), any(has[i + 1:])
+        if not before and after:
+            rewrite = "answer_first"
+            break
+        if before and after:
+            rewrite = "answer_in_middle"
+    # Join the kept pieces with a line break where the removed statement between them touched one.
+    body = ""
+    for i, piece in enumerate(pieces):
+        cleaned = _clean_piece(piece)
+        if not cleaned:
+            continue
+        if body:
+            start = spans[i - 1][0]
+            on_new_line = text[:start].endswith("\n") or piece[: len(piece) - len(piece.lstrip())].count("\n") > 0
+            body += "\n" if on_new_line else " "
+        body += cleaned
+    if not body:
+        return Canonical(suffix, 0, rewrite, tail_dropped)
+    # The suffix takes the last statement's place: on its own line if that one stood on its own.
+    own_line = not has[-1] and text[: spans[-1][0]].rstrip(" \t").endswith("\n")
+    sep = "\n" if own_line else " "
+    return Canonical(body + sep + suffix, len(body) + len(sep), rewrite, tail_dropped)
 
 
 def canonicalise_answer(text: str, gold: str, answer_type: AnswerType) -> tuple[str, int]:
-    """``text`` with its final answer sentence replaced by ``answer_suffix(gold)``, and the
-    character offset where the suffix starts (``new_text[offset:] == suffix``).
-
-    Everything from the last answer anchor on is dropped (with a dangling "so"/"Therefore,"
-    before it); a text without an anchor keeps all of its words and gets the suffix appended.
-    The suffix follows a line break if the answer sentence stood on its own line, else a space.
-    """
-    suffix = answer_suffix(gold, answer_type)
-    anchors = list(ANSWER_ANCHOR_RE.finditer(text))
-    # "The answer is ..." cuts from "The"; a bare "Answer:" from "Answer".
-    prefix = text[: anchors[-1].start()] if anchors else text
-    # The answer sentence stood on its own line when only whitespace/markdown precedes it there.
-    own_line = bool(anchors) and not prefix[prefix.rfind("\n") + 1:].strip(" \t*_#>-")
-    prefix = _DANGLING_RE.sub("", prefix.rstrip()) if anchors else prefix.rstrip()
-    if prefix and prefix[-1] not in ".!?:)]}$\"'":
-        prefix += "."
-    if not prefix:
-        return suffix, 0
-    sep = "\n" if own_line else " "
-    return prefix + sep + suffix, len(prefix) + len(sep)
+    """``canonical_rationale``'s text and suffix offset (``new_text[offset:] == suffix``)."""
+    c = canonical_rationale(text, gold, answer_type)
+    return c.text, c.offset
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness GSM8K

@@ -49,9 +49,9 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 class EngineConfig:
     """vLLM engine settings (one engine per data-parallel replica)."""
 
-    # float32 suits CPU hosts without AVX512-BF16 (bf16 is emulated there and several times
-    # slower); use bfloat16 on GPUs. "auto" takes the checkpoint's dtype.
-    dtype: str = "float32"
+    # "auto" (``resolve_dtype``): bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or
+    # AMX), float32 on other CPUs, where bf16 is emulated and several times slower.
+    dtype: str = "auto"
     max_model_len: int = 2048  # prompt + completion tokens per sequence
     gpu_memory_utilization: float = 0.5  # share of GPU memory (on CPU: of RAM, <= 0.5)
     enforce_eager: bool = True  # skip graph capture / compilation: ~30 s faster start-up on CPU
@@ -131,11 +131,12 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         import vllm.v1.engine.core as engine_core
 
         engine_core.cleanup_dist_env_and_memory = _teardown_when_last
+    dtype = resolve_dtype(cfg.dtype)
     log.info("loading vLLM engine on %s (dtype %s, tp %d, max_model_len %d, eager %s)",
-             model, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
+             model, dtype, cfg.tensor_parallel_size, cfg.max_model_len, cfg.enforce_eager)
     llm = LLM(
         model=model,
-        dtype=cfg.dtype,
+        dtype=dtype,
         max_model_len=cfg.max_model_len,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         enforce_eager=cfg.enforce_eager,
@@ -166,6 +167,35 @@ def _teardown_when_last(shutdown_ray: bool = False) -> None:
         gc.collect()
     else:
         cleanup_dist_env_and_memory(shutdown_ray)
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo`` text lists a native bf16 instruction set (AVX512-BF16 or AMX).
+
+    Measured on 2-core AMD EPYCs: with AVX512-BF16, vLLM decodes the 135M model at 339 tok/s in
+    bf16 against 186 in float32; with AVX2 only, bf16 is emulated and slower than float32."""
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The dtype to compute in: ``auto`` becomes bfloat16 on a CUDA GPU or a CPU with native bf16,
+    float32 on other CPUs (logged with the reason); any other value is returned as it is."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        chosen, why = "bfloat16", "CUDA GPU"
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        native = cpu_has_native_bf16(cpuinfo.read_text()) if cpuinfo.exists() else False
+        chosen, why = ("bfloat16", "CPU with AVX512-BF16/AMX") if native else ("float32", "CPU without native bf16")
+    log.info("dtype auto -> %s (%s)", chosen, why)
+    return chosen
 
 
 def _on_cpu() -> bool:

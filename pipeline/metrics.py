@@ -138,3 +138,61 @@ def read_model_metrics(path: Path) -> dict[str, Any]:
             if lacking:
                 raise ValueError(f"{path}: {g}.{name} lacks {lacking}")
     return data
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (model right / reference
+    wrong, and the reverse): the binomial test of b against Binomial(b + c, 1/2). 1.0 when there
+    are no discordant pairs."""
+    if b < 0 or c < 0:
+        raise ValueError(f"mcnemar_exact_p: counts must be >= 0, got b={b}, c={c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap_ci(model: Sequence[bool], reference: Sequence[bool], seed: int,
+                        resamples: int = 10_000) -> tuple[float, float]:
+    """95% percentile interval of the accuracy difference (model − reference) under a paired
+    bootstrap: questions are resampled with replacement, both models' outcomes together."""
+    import numpy as np
+
+    if len(model) != len(reference) or not model:
+        raise ValueError(f"paired_bootstrap_ci: need two equal, non-empty outcome lists ({len(model)}, {len(reference)})")
+    diff = np.asarray(model, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def paired_comparison(model: dict[str, bool], reference: dict[str, bool], seed: int,
+                      resamples: int = 10_000) -> dict[str, float | int]:
+    """Compare two models on the questions both answered (question id -> correct).
+
+    Returns n, both accuracies, Δ = model − reference, its seeded paired-bootstrap 95% CI, the
+    discordant counts (``b``: only the model right, ``c``: only the reference right) and the
+    exact McNemar p-value. The question sets must be the same: a comparison on different
+    questions is not paired.
+    """
+    if set(model) != set(reference):
+        only = sorted(set(model) ^ set(reference))
+        raise ValueError(f"paired_comparison: the two models answered different questions ({len(only)} differ, "
+                         f"e.g. {only[:3]})")
+    ids = sorted(model)
+    a = [model[i] for i in ids]
+    r = [reference[i] for i in ids]
+    b = sum(1 for x, y in zip(a, r) if x and not y)
+    c = sum(1 for x, y in zip(a, r) if y and not x)
+    lo, hi = paired_bootstrap_ci(a, r, seed, resamples)
+    return {
+        "n": len(ids), "accuracy": sum(a) / len(a), "reference_accuracy": sum(r) / len(r),
+        "delta": (sum(a) - sum(r)) / len(a), "ci_low": lo, "ci_high": hi,
+        "b": b, "c": c, "mcnemar_p": mcnemar_exact_p(b, c),
+    }

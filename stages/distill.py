@@ -54,7 +54,8 @@ from torch import Tensor
 
 from pipeline import losses as L
 from pipeline.config import ConfigError, check, from_dict, to_dict
-from pipeline.perspectives import answer_instruction
+from pipeline.engine import resolve_dtype
+from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
 from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows
 from pipeline.ta import TeachingAssistant, embed_paths
 from stages.cli import field
@@ -78,8 +79,8 @@ class DistillConfig:
     out_root: Path = field(Path("data/students"), help="output root; the run goes to <out_root>/<run_name>")
     live_root: Path = field(Path("metrics/distill"), help="dvclive root; curves go to <live_root>/<run_name>")
     embedding_cache: Path | None = field(Path(".cache/ta_embeddings"), help="TA embedding cache dir (null: no cache)")
-    prompt: str = field("{question}", help="the student's user message: {question} and optionally {answer_instruction} "
-                                          "(never a perspective); evaluate's prompt aligns training with evaluation")
+    prompt: str = field(STUDENT_PROMPT, help="the student's user message: {question} and optionally {answer_instruction} "
+                        "(never a perspective); the default is evaluate's default prompt, so training matches evaluation")
     # data
     max_paths: int = field(8, help="K: at most this many paths per question (first ones in perspective order)")
     max_seq_len: int = field(384, help="paths longer than this (prompt + rationale) are dropped and counted")
@@ -104,7 +105,8 @@ class DistillConfig:
         help="modules that get LoRA adapters",
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     lora_layers: list[int] | None = field(None, help="only these layer indices get adapters (null: all)")
-    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="student weight dtype while training")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="student weight dtype while training; auto: bfloat16 on GPUs and CPUs with native bf16, else float32")
     mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
         None, help="accelerate mixed precision (null: from `accelerate launch`/its config, else no)")
     save_dtype: Literal["float32", "bfloat16", "float16"] = field("bfloat16", help="dtype of the merged model")
@@ -381,7 +383,7 @@ def load_student(cfg: DistillConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype))
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, resolve_dtype(cfg.dtype)))
     model.config.use_cache = False
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model

@@ -38,7 +38,7 @@ from pipeline import answers as A
 from pipeline.config import check, to_dict
 from pipeline.engine import EngineConfig, close_engine, engine_generate, open_engine
 from pipeline.metrics import PREDICTION_SCHEMA, Group, dataset_metrics, model_metrics
-from pipeline.perspectives import answer_instruction
+from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
 from pipeline.questions import format_question
 from pipeline.shards import atomic_write_json, clear_dir, read_rows, write_shards
 from stages.cli import field
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mind.evaluate")
 
-DEFAULT_PROMPT = "{question}\n\nLet's think step by step. {answer_instruction}"
 # vLLM accepts only these LoRA ranks as max_lora_rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -84,7 +83,8 @@ class EvaluateConfig:
         "merged", help="serve a student's merged/ model, or its PEFT adapter/ on base_model via vLLM LoRA")
     prepared_dir: Path = field(Path("data/prepared"), help="prepared eval splits, one folder per dataset")
     datasets: list[EvalDataset] = field(help="eval splits: {name, group: id|ood, limit}", factory=default_datasets)
-    prompt: str = field(DEFAULT_PROMPT, help="user message; {question} and {answer_instruction} are filled in")
+    prompt: str = field(STUDENT_PROMPT, help="user message; {question} and {answer_instruction} are filled in "
+                        "(the default is distill's default prompt: students are scored on what they trained on)")
     max_tokens: int = field(256, help="generated tokens per answer (greedy)")
     engine: EngineConfig = field(help="vLLM engine settings", factory=EngineConfig)
     out_dir: Path = field(Path("data/eval"), help="prediction shards go to <out_dir>/<model>/<dataset>/")

@@ -17,26 +17,34 @@ What happens, in order:
 2. **Pass rate.** A question's pass rate is the share of *all* its rationales (every
    teacher, perspective and sample; truncated, short or repetitive ones included) that the
    judge marks correct. Only correctness counts here; the row filters below do not.
-3. **Row filters**, each row dropped for the first reason that applies, in this order:
-   ``truncated`` (finish_reason "length"), ``no_answer``, ``wrong_answer``, ``too_short`` /
-   ``too_long`` (num_tokens outside [min_tokens, max_tokens]), ``repetition`` (share of
-   repeated word n-grams above max_repeat_share), ``exact_duplicate`` (same text as an
-   earlier rationale of the same question), ``near_duplicate`` (same text after lower-casing
-   and removing punctuation/whitespace, or, when ``near_dup_threshold`` is set, MiniLM cosine
-   similarity at or above it). "Earlier" is the order (perspective, teacher, sample_index).
-4. **One rationale per (question, perspective)**, by ``pick``: ``shortest`` (fewest tokens),
+3. **Training text.** Every correct rationale is rewritten into the text the student will train
+   on (``pipeline.answers.canonical_rationale``): its reasoning, in order, then the canonical
+   ``answer_suffix(gold)`` ("The answer is 42."). Answer statements are removed wherever the
+   teacher put them, so "The answer is 2. Tom has 5 ..." keeps its reasoning instead of
+   becoming a bare answer; ``stats.json`` counts the rewrites (``answer_last``,
+   ``answer_first``, ``answer_in_middle``, ``no_answer_sentence``, ``tail_dropped``).
+   ``answer_offset`` is where the suffix starts in ``text``.
+4. **Row filters**, each row dropped for the first reason that applies, in this order:
+   ``truncated`` (finish_reason "length"), ``no_answer``, ``wrong_answer``, ``too_short``
+   (fewer than min_tokens tokens of reasoning before the suffix: a bare answer has none),
+   ``too_long`` (more than max_tokens tokens of training text), both counted in ``tokenizer``
+   (the student's) on the rewritten text, ``repetition`` (share of repeated word n-grams above
+   max_repeat_share), ``exact_duplicate`` (same training text as an earlier rationale of the
+   same question), ``near_duplicate`` (same text after lower-casing and removing
+   punctuation/whitespace, or, when ``near_dup_threshold`` is set, MiniLM cosine similarity at
+   or above it). "Earlier" is the order (perspective, teacher, sample_index).
+5. **One rationale per (question, perspective)**, by ``pick``: ``shortest`` (fewest tokens),
    ``longest`` or ``first`` (lowest sample_index); ties go to the lower (teacher,
    sample_index). The others are dropped as ``extra_per_perspective``. K is the number of
    perspectives a question keeps.
-5. **Questions.** A question needs K >= ``min_perspectives`` (else ``few_perspectives``).
+6. **Questions.** A question needs K >= ``min_perspectives`` (else ``few_perspectives``).
    Easy questions (pass rate >= ``easy_threshold``) are down-sampled to
    round(``easy_keep_fraction`` x their number) by a seeded choice (``easy_downsampled``);
    hard ones all stay. Then at most ``max_questions`` remain, a seeded uniform choice
    (``over_cap``). Fewer than ``min_questions`` left is an error that gives the counts.
-6. **Canonical answer.** Each kept rationale's final answer sentence is replaced by
-   ``answer_suffix(gold)`` (e.g. "The answer is 42."), so all paths of a question end in the
-   same tokens; ``answer_offset`` is where that suffix starts in ``text``. ``num_tokens``
-   stays the teacher's count for the original text.
+
+The output rows keep the teacher's ``num_tokens`` for its original text, and add
+``train_tokens`` (the rewritten text, in ``tokenizer``) and ``rewrite``.
 """
 
 from __future__ import annotations
@@ -88,6 +96,8 @@ FILTERED_SCHEMA = pa.schema(
         ("answer", pa.string()),
         ("answer_type", pa.string()),
         ("answer_offset", pa.int32()),
+        ("train_tokens", pa.int32()),
+        ("rewrite", pa.string()),
     ]
 )
 QUESTION_COLUMNS = ("id", "question", "answer", "answer_type", "choices")
@@ -122,8 +132,10 @@ class FilterConfig:
     judge_engine: EngineConfig = field(help="vLLM settings of the judge (judge: llm)",
                                        factory=lambda: EngineConfig(max_model_len=2048, kv_cache_gib=1.0))
     judge_max_tokens: int = field(4, help="tokens the judge may generate for its yes/no")
-    min_tokens: int = field(12, help="drop rationales with fewer tokens (too_short; a bare \"The answer is 24.\" is 8)")
-    max_tokens: int = field(512, help="drop rationales with more tokens (too_long)")
+    tokenizer: Path = field(Path("data/models/smollm2-135m-instruct"),
+                            help="the student's tokenizer: min_tokens / max_tokens count the training text in its tokens")
+    min_tokens: int = field(12, help="drop rationales with fewer tokens of reasoning before the answer suffix (too_short)")
+    max_tokens: int = field(512, help="drop rationales whose training text has more tokens (too_long)")
     repeat_ngram: int = field(4, help="n of the word n-grams of the repetition check")
     max_repeat_share: float = field(
         0.5, help="drop rationales whose share of repeated n-grams exceeds this (repetition)")
@@ -284,8 +296,30 @@ def near_duplicate_flags(embeddings: np.ndarray, threshold: float) -> list[bool]
     return flags
 
 
+def rewrite_correct_rows(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], tokenizer: Any) -> None:
+    """Give every correct row its training text (``canonical_rationale``) and token counts.
+
+    Sets ``train_text``, ``answer_offset``, ``rewrite``, ``tail_dropped``, ``reasoning_tokens``
+    (before the suffix) and ``train_tokens`` (the whole training text), in ``tokenizer``'s tokens.
+    """
+    correct = [r for r in rows if r["correct"]]
+    for r in correct:
+        q = questions[r["question_id"]]
+        c = A.canonical_rationale(r["text"], q["answer"], q["answer_type"])
+        r.update(train_text=c.text, answer_offset=c.offset, rewrite=c.rewrite, tail_dropped=c.tail_dropped)
+    if not correct:
+        return
+    bodies = tokenizer([r["train_text"][: r["answer_offset"]] for r in correct], add_special_tokens=False)["input_ids"]
+    whole = tokenizer([r["train_text"] for r in correct], add_special_tokens=False)["input_ids"]
+    for r, body, ids in zip(correct, bodies, whole):
+        r["reasoning_tokens"] = len(body)
+        r["train_tokens"] = len(ids)
+
+
 def row_drop_reasons(rows: list[dict[str, Any]], cfg: FilterConfig, encoder: Any | None) -> None:
-    """Set ``drop`` on every row: the first row filter that rejects it, or None."""
+    """Set ``drop`` on every row: the first row filter that rejects it, or None. Correct rows must
+    already carry their training text (``rewrite_correct_rows``): the length and duplicate checks
+    look at what the student will train on."""
     by_question: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_question[r["question_id"]].append(r)
@@ -303,24 +337,24 @@ def row_drop_reasons(rows: list[dict[str, Any]], cfg: FilterConfig, encoder: Any
                 r["drop"] = "no_answer"
             elif not r["correct"]:
                 r["drop"] = "wrong_answer"
-            elif r["num_tokens"] < cfg.min_tokens:
+            elif r["reasoning_tokens"] < cfg.min_tokens:
                 r["drop"] = "too_short"
-            elif r["num_tokens"] > cfg.max_tokens:
+            elif r["train_tokens"] > cfg.max_tokens:
                 r["drop"] = "too_long"
-            elif A.repeated_ngram_share(r["text"], cfg.repeat_ngram) > cfg.max_repeat_share:
+            elif A.repeated_ngram_share(r["train_text"], cfg.repeat_ngram) > cfg.max_repeat_share:
                 r["drop"] = "repetition"
-            elif r["text"].strip() in seen_exact:
+            elif r["train_text"].strip() in seen_exact:
                 r["drop"] = "exact_duplicate"
-            elif A.normalise_text(r["text"]) in seen_norm:
+            elif A.normalise_text(r["train_text"]) in seen_norm:
                 r["drop"] = "near_duplicate"
             else:
-                seen_exact.add(r["text"].strip())
-                seen_norm.add(A.normalise_text(r["text"]))
+                seen_exact.add(r["train_text"].strip())
+                seen_norm.add(A.normalise_text(r["train_text"]))
                 survivors[-1].append(r)
     if encoder is None or cfg.near_dup_threshold is None:
         return
     # One encode call for every survivor (small per-question batches are much slower on CPU).
-    texts = [r["text"] for group in survivors for r in group]
+    texts = [r["train_text"] for group in survivors for r in group]
     log.info("embedding %d rationales for the near-duplicate check", len(texts))
     emb = np.asarray(encoder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False))
     start = 0
@@ -339,9 +373,9 @@ def pick_key(row: dict[str, Any], pick: str) -> tuple[Any, ...]:
     """Sort key of the ``pick`` rule; the lowest key is kept."""
     tie = (row["teacher"], row["sample_index"])
     if pick == "shortest":
-        return (row["num_tokens"], *tie)
+        return (row["train_tokens"], *tie)
     if pick == "longest":
-        return (-row["num_tokens"], *tie)
+        return (-row["train_tokens"], *tie)
     return (row["sample_index"], row["teacher"])
 
 
@@ -426,6 +460,12 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+def rewrite_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Rows per rewrite kind (``pipeline.answers.REWRITES``), plus how many had chatter dropped."""
+    kinds = Counter(r["rewrite"] for r in rows)
+    return {**{k: kinds[k] for k in A.REWRITES}, "tail_dropped": sum(bool(r["tail_dropped"]) for r in rows)}
+
+
 def too_few_message(stats: dict[str, Any], cfg: FilterConfig) -> str:
     q = stats["questions"]
     d = q["dropped"]
@@ -478,6 +518,11 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
         if not cfg.encoder_dir.is_dir():
             raise FileNotFoundError(f"encoder directory {cfg.encoder_dir} does not exist (run `mind models`)")
         encoder = SentenceTransformer(str(cfg.encoder_dir), device="cpu")
+    from transformers import AutoTokenizer
+
+    if not cfg.tokenizer.is_dir():
+        raise FileNotFoundError(f"filter.tokenizer: {cfg.tokenizer} does not exist (run `mind models`)")
+    rewrite_correct_rows(rows, questions, AutoTokenizer.from_pretrained(str(cfg.tokenizer)))
     row_drop_reasons(rows, cfg, encoder)
     picked = pick_per_perspective(rows, cfg.pick)
     k = {q: len(picked.get(q, [])) for q in by_question}
@@ -496,14 +541,14 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
     for qid in sorted(kept_ids, key=order.__getitem__):
         q = questions[qid]
         for r in sorted(picked[qid], key=lambda r: (r["perspective"], r["teacher"])):
-            text, offset = A.canonicalise_answer(r["text"], q["answer"], q["answer_type"])
             out_rows.append({
-                **{c: r[c] for c in RATIONALE_COLUMNS}, "text": text,
+                **{c: r[c] for c in RATIONALE_COLUMNS}, "text": r["train_text"],
                 "pred_answer": r["pred_answer"], "correct": True, "question_pass_rate": pass_rate[qid],
                 "question": format_question(q), "answer": q["answer"], "answer_type": q["answer_type"],
-                "answer_offset": offset,
+                "answer_offset": r["answer_offset"], "train_tokens": r["train_tokens"], "rewrite": r["rewrite"],
             })
 
+    out_rows_source = [r for qid in kept_ids for r in picked[qid]]
     row_drops = Counter(r["drop"] for r in rows if r["drop"] is not None)
     q_drops = Counter(q_dropped.values())
     easy_all = [q for q in k if k[q] >= cfg.min_perspectives and pass_rate[q] >= cfg.easy_threshold]
@@ -527,6 +572,11 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
             "hard_kept": sum(1 for q in kept_ids if pass_rate[q] < cfg.easy_threshold),
         },
         "judge": {"mode": cfg.judge, **{key: judge_counts[key] for key in sorted(judge_counts)}},
+        # How the teacher had placed its answer, over every correct row and over the kept ones.
+        "rewrites": {
+            "correct": rewrite_counts([r for r in rows if r["correct"]]),
+            "kept": rewrite_counts(out_rows_source),
+        },
         "accuracy": {
             "overall": {"n": len(rows), "correct": sum(r["correct"] for r in rows),
                         "accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else 0.0},

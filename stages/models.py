@@ -29,8 +29,9 @@ log = logging.getLogger("mind.models")
 @dataclass
 class ModelsConfig:
     models: dict[str, str] = field(
-        help="causal LMs, name -> spec (Hub id, local HF dir, .gguf file, or embedded:smollm2-135m-instruct)",
-        factory=lambda: {"smollm2-135m-instruct": "embedded:smollm2-135m-instruct"},
+        help="causal LMs, name -> spec (Hub id, local HF dir, .gguf file, embedded:qwen2.5-coder-0.5b-instruct, embedded:smollm2-135m-instruct)",
+        factory=lambda: {"qwen2.5-coder-0.5b-instruct": "embedded:qwen2.5-coder-0.5b-instruct",
+                         "smollm2-135m-instruct": "embedded:smollm2-135m-instruct"},
     )
     encoders: dict[str, str] = field(
         help="sentence encoders for the TA, name -> spec (Hub id, local dir, or embedded:all-minilm-l6-v2)",

@@ -10,6 +10,11 @@ Reads every ``metrics/eval/<model>.json`` written by ``mind evaluate`` and write
   points) against the base student; a per-dataset Δ table; the strict/flexible answer
   matching split for numeric datasets. A negative OOD Δ means the distilled student forgot
   something the base student could do.
+- the **paired comparisons**: every model against each of ``compare_to`` (base and ``uniform``
+  by default) on the very same questions, per dataset, read from the prediction shards
+  (``data/eval/<model>/<dataset>/``): Δ in points with a seeded paired-bootstrap 95% CI, the
+  discordant pairs and the exact McNemar p-value. In ``summary.md`` and in
+  ``metrics/paired.json`` (a DVC metrics file, so ``dvc metrics diff`` shows it).
 - ``reports/accuracy.png``: grouped bars (one group per dataset plus the ID/OOD averages,
   one bar per model) with the Wilson intervals as error bars; a DVC plot.
 """
@@ -22,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import check, to_dict
-from pipeline.metrics import GROUPS, read_model_metrics
-from pipeline.shards import atomic_write_bytes, atomic_write_text
+from pipeline.metrics import GROUPS, paired_comparison, read_model_metrics
+from pipeline.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_rows
 from stages.cli import field
 
 log = logging.getLogger("mind.report")
@@ -39,8 +44,15 @@ class ReportConfig:
                              factory=lambda: ["base", "single", "uniform", "mcc", "mind"])
     summary: Path = field(Path("reports/summary.md"), help="the Markdown report")
     plot: Path = field(Path("reports/accuracy.png"), help="the bar chart (PNG)")
+    eval_dir: Path = field(Path("data/eval"), help="prediction shards, <eval_dir>/<model>/<dataset>/ (paired comparisons)")
+    compare_to: list[str] = field(help="references of the paired comparisons; a reference with no metrics is skipped",
+                                  factory=lambda: ["base", "uniform"])
+    paired_metrics: Path = field(Path("metrics/paired.json"), help="DVC metrics file of the paired comparisons")
+    bootstrap_resamples: int = field(10_000, help="paired-bootstrap resamples per comparison")
+    seed: int = field(0, help="seed of the paired bootstrap")
 
     def __post_init__(self) -> None:
+        check(self.bootstrap_resamples >= 100, "report.bootstrap_resamples must be >= 100")
         check(self.summary.suffix == ".md", f"report.summary must be a .md file, got {self.summary}")
         check(self.plot.suffix == ".png", f"report.plot must be a .png file, got {self.plot}")
 
@@ -143,7 +155,7 @@ def summary_markdown(all_metrics: dict[str, dict[str, Any]], base: str) -> str:
         lines += [
             "## Numeric answers: strict / flexible matching (%)",
             "",
-            "strict: the final `The answer is X` sentence only (lm-eval strict-match); flexible: the "
+            "strict: the first `The answer is X` sentence only (lm-eval strict-match); flexible: the "
             "last number in the output (lm-eval flexible-extract); answered: outputs with any "
             "extractable answer.",
             "",
@@ -160,6 +172,60 @@ def summary_markdown(all_metrics: dict[str, dict[str, Any]], base: str) -> str:
                     row.append(f"{pct(d['strict_accuracy'])} / {pct(d['flexible_accuracy'])} / {pct(d['answered'])}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def load_outcomes(eval_dir: Path, model: str, dataset: str) -> dict[str, bool]:
+    """question id -> correct, from one model's prediction shards of one dataset."""
+    folder = eval_dir / model / dataset
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no prediction shards for the paired comparison (run `mind evaluate --model {model}`)")
+    return {r["id"]: bool(r["correct"]) for r in read_rows(folder)}
+
+
+def paired_comparisons(all_metrics: dict[str, dict[str, Any]], cfg: ReportConfig) -> dict[str, dict[str, Any]]:
+    """model -> "vs_<reference>" -> dataset -> ``paired_comparison``, for every reference of
+    ``compare_to`` that has metrics, on every dataset both models were scored on."""
+    refs = [r for r in cfg.compare_to if r in all_metrics]
+    cache: dict[tuple[str, str], dict[str, bool]] = {}
+
+    def outcomes(model: str, dataset: str) -> dict[str, bool]:
+        if (model, dataset) not in cache:
+            cache[(model, dataset)] = load_outcomes(cfg.eval_dir, model, dataset)
+        return cache[(model, dataset)]
+
+    out: dict[str, dict[str, Any]] = {}
+    for model, m in all_metrics.items():
+        for ref in refs:
+            if ref == model:
+                continue
+            for g, name in dataset_columns({model: m}):
+                if name not in all_metrics[ref][g]:
+                    continue
+                out.setdefault(model, {}).setdefault(f"vs_{ref}", {})[name] = paired_comparison(
+                    outcomes(model, name), outcomes(ref, name), cfg.seed, cfg.bootstrap_resamples)
+    return out
+
+
+def paired_markdown(paired: dict[str, dict[str, Any]], resamples: int, seed: int) -> str:
+    lines = [
+        "## Paired comparisons (the same questions)",
+        "",
+        f"Δ = model − reference in points, with the paired-bootstrap 95% CI ({resamples:,} resamples, seed {seed}); "
+        "b = questions only the model got right, c = only the reference; p = exact McNemar test on b and c.",
+        "",
+        "| model | vs | dataset | n | model % | ref % | Δ [95% CI] | b / c | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, by_ref in paired.items():
+        for ref, by_ds in by_ref.items():
+            for name, d in by_ds.items():
+                lines.append(
+                    f"| `{model}` | `{ref.removeprefix('vs_')}` | {name} | {d['n']} | {pct(d['accuracy'])} | "
+                    f"{pct(d['reference_accuracy'])} | {signed_points(d['delta'])} "
+                    f"[{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}] | {d['b']} / {d['c']} | "
+                    f"{d['mcnemar_p']:.2g} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -206,7 +272,11 @@ def accuracy_png(all_metrics: dict[str, dict[str, Any]]) -> bytes:
 def run(cfg: ReportConfig) -> dict[str, Any]:
     """Rebuild reports/summary.md and reports/accuracy.png from the metrics files."""
     all_metrics = load_all(cfg)
+    paired = paired_comparisons(all_metrics, cfg)
     text = summary_markdown(all_metrics, cfg.base)
+    if paired:
+        text += "\n" + paired_markdown(paired, cfg.bootstrap_resamples, cfg.seed)
+    atomic_write_json(cfg.paired_metrics, paired)
     config_note = "\n".join(f"- `{k}`: `{v}`" for k, v in to_dict(cfg).items())
     atomic_write_text(cfg.summary, f"{text}\nReport config:\n\n{config_note}\n")
     atomic_write_bytes(cfg.plot, accuracy_png(all_metrics))

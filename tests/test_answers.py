@@ -9,6 +9,7 @@ import pytest
 from pipeline.answers import (
     GSM8K_COT_STRICT_RE,
     answer_suffix,
+    canonical_rationale,
     canonicalise_answer,
     extract_answer,
     extract_choice,
@@ -213,22 +214,45 @@ def test_answer_suffix_round_trips(gold: str, answer_type: str, suffix: str) -> 
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "expected", "rewrite"),
     [
-        ("Anna has 5. She buys 3. 5 + 3 = 8. So the answer is 8.", "Anna has 5. She buys 3. 5 + 3 = 8. The answer is 8."),
-        ("Anna has 8.\nThe answer is 8. Then I keep talking.", "Anna has 8.\nThe answer is 8."),
-        ("Anna has 8 apples", "Anna has 8 apples. The answer is 8."),  # no answer sentence: appended
-        ("The answer is 8.", "The answer is 8."),
-        ("Therefore, the answer is $8.00.", "The answer is 8."),
-        ("5 + 3 = 8\n\n**Final Answer:** 8", "5 + 3 = 8.\nThe answer is 8."),
-        ("She ends with 8 apples, so the answer is eight.", "She ends with 8 apples. The answer is 8."),
+        ("Anna has 5. She buys 3. 5 + 3 = 8. So the answer is 8.", "Anna has 5. She buys 3. 5 + 3 = 8. The answer is 8.",
+         "answer_last"),
+        # short chatter after the final answer is dropped
+        ("Anna has 8.\nThe answer is 8. Then I keep talking.", "Anna has 8.\nThe answer is 8.", "answer_last"),
+        ("Anna has 8 apples", "Anna has 8 apples. The answer is 8.", "no_answer_sentence"),
+        ("The answer is 8.", "The answer is 8.", "answer_last"),  # a bare answer stays bare: filter drops it
+        ("Therefore, the answer is $8.00.", "The answer is 8.", "answer_last"),
+        ("5 + 3 = 8\n\n**Final Answer:** 8", "5 + 3 = 8.\nThe answer is 8.", "answer_last"),
+        ("She ends with 8 apples, so the answer is eight.", "She ends with 8 apples. The answer is 8.", "answer_last"),
+        # answer first, then reasoning: the reasoning is kept and the suffix moves to the end
+        ("The answer is 8. Tom has 5 apples and buys 3 more, so 5 + 3 = 8.",
+         "Tom has 5 apples and buys 3 more, so 5 + 3 = 8. The answer is 8.", "answer_first"),
+        ("**Answer:** 8\n\nExplanation: 5 + 3 = 8 apples.", "Explanation: 5 + 3 = 8 apples. The answer is 8.",
+         "answer_first"),
+        # in the middle: both sides kept, in order
+        ("Tom has 5.\nThe answer is 8.\nBecause 5 + 3 = 8, he has 8.", "Tom has 5.\nBecause 5 + 3 = 8, he has 8. The answer is 8.",
+         "answer_in_middle"),
+        # a mention of "the answer" inside reasoning is not an answer statement
+        ("Let's find what the correct answer is: Tom has 5, buys 3, so he has 8",
+         "Let's find what the correct answer is: Tom has 5, buys 3, so he has 8. The answer is 8.", "no_answer_sentence"),
+        # an earlier answer statement and a final one: both go, the reasoning between stays
+        ("The answer is 8.\n5 + 3 = 8.\nSo the answer is 8.", "5 + 3 = 8.\nThe answer is 8.", "answer_first"),
     ],
 )
-def test_canonicalise_answer(text: str, expected: str) -> None:
-    new, offset = canonicalise_answer(text, "8", "number")
-    assert new == expected
-    assert new[offset:] == "The answer is 8."
-    assert extract_number(new) == "8"
+def test_canonical_rationale(text: str, expected: str, rewrite: str) -> None:
+    c = canonical_rationale(text, "8", "number")
+    assert (c.text, c.rewrite) == (expected, rewrite)
+    assert c.text[c.offset:] == "The answer is 8."
+    assert extract_number(c.text) == "8"
+    assert canonicalise_answer(text, "8", "number") == (c.text, c.offset)
+
+
+def test_answer_first_never_becomes_a_bare_answer() -> None:
+    # The bug this guards: cutting from the *first* answer sentence left only "The answer is 2."
+    text = "The answer is 2. Tom had 5 cookies and ate 3, so 5 - 3 = 2 cookies are left."
+    c = canonical_rationale(text, "2", "number")
+    assert c.offset > 0 and "5 - 3 = 2" in c.text[: c.offset]
 
 
 def test_canonicalise_choice_and_offset() -> None:

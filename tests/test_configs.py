@@ -133,3 +133,25 @@ def test_accelerate_configs_load() -> None:
         assert cfg.num_processes >= 1 and cfg.num_machines >= 1, path
         processes.append(cfg.num_processes)
     assert max(processes) > 1, f"no multi-GPU accelerate config under {ACCELERATE_DIR}"
+
+
+def test_students_train_on_exactly_the_prompt_evaluate_asks() -> None:
+    """One prompt: the user message distill trains on is the one evaluate scores, for every answer type,
+    in params.yaml and in the stages' own defaults."""
+    from pipeline.questions import format_question
+    from stages import distill, evaluate
+
+    configs = validate(load_yaml(ROOT / "params.yaml"), "params.yaml")
+    assert configs["distill"].prompt == configs["evaluate"].prompt
+    assert distill.DistillConfig().prompt == evaluate.EvaluateConfig().prompt
+    rows = [
+        {"question": "Anna has 3 apples. How many?", "answer_type": "number", "choices": []},
+        {"question": "Where are books kept?", "answer_type": "choice", "choices": ["bank", "library"]},
+        {"question": "Can penguins fly?", "answer_type": "yesno", "choices": []},
+    ]
+    for row in rows:
+        # filter stores format_question(q) in the filtered rows' `question` column; distill reads it
+        trained = distill.user_message(configs["distill"].prompt, format_question(row), row["answer_type"])
+        asked = evaluate.user_message(configs["evaluate"].prompt, row)
+        assert trained == asked
+        assert "Let's think step by step." in asked and "The answer is X." in asked

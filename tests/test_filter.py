@@ -94,8 +94,20 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return qdir, rdir
 
 
+# The filter counts tokens in the student's tokenizer: the real SmolLM2 one, converted once per
+# machine by conftest's embedded_model_dir (the autouse fixture below makes sure it exists).
+STUDENT_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def student_tokenizer(embedded_model_dir: Path) -> Path:
+    assert embedded_model_dir == STUDENT_DIR
+    return embedded_model_dir
+
+
 def make_cfg(tmp_path: Path, qdir: Path, rdir: Path, **overrides: Any) -> F.FilterConfig:
     data = {
+        "tokenizer": str(STUDENT_DIR),
         "rationales_dir": str(rdir), "questions_dir": str(qdir), "out_dir": str(tmp_path / "filtered"),
         "metrics_file": str(tmp_path / "metrics" / "filter.json"), "plots_dir": str(tmp_path / "metrics"),
         "min_tokens": 5, "max_tokens": 60, "max_repeat_share": 0.5, "min_perspectives": 2,
@@ -115,7 +127,8 @@ def text_of(rid: str) -> str:
 def test_rationale_columns_match_generate() -> None:
     assert pa.schema(list(F.RATIONALE_COLUMNS.items())).equals(RATIONALE_SCHEMA)
     assert F.FILTERED_SCHEMA.names == RATIONALE_SCHEMA.names + [
-        "pred_answer", "correct", "question_pass_rate", "question", "answer", "answer_type", "answer_offset"]
+        "pred_answer", "correct", "question_pass_rate", "question", "answer", "answer_type", "answer_offset",
+        "train_tokens", "rewrite"]
 
 
 def test_stage_on_hand_made_set(tmp_path: Path, inputs: tuple[Path, Path]) -> None:

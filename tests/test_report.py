@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 
 from pipeline.metrics import (
+    mcnemar_exact_p,
+    paired_bootstrap_ci,
+    paired_comparison,
     PREDICTION_SCHEMA,
     accuracy_summary,
     dataset_metrics,
@@ -190,7 +193,8 @@ def table_rows(md: str) -> dict[str, list[str]]:
 def test_report_table_numbers_and_plot(tmp_path: Path) -> None:
     metrics_dir = build_metrics(tmp_path)
     cfg = ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "reports/summary.md",
-                       plot=tmp_path / "reports/accuracy.png")
+                       plot=tmp_path / "reports/accuracy.png", eval_dir=tmp_path / "eval",
+                       paired_metrics=tmp_path / "paired.json")
     all_metrics = run(cfg)
     assert list(all_metrics) == ["base", "single", "mind"]  # the order of ReportConfig.order
     md = cfg.summary.read_text()
@@ -233,3 +237,72 @@ def test_report_differing_n_goes_into_cells(tmp_path: Path) -> None:
     rows = table_rows(md)
     assert rows["mind"]["gsm8k (ID)"].endswith("(n=4)")
     assert math.isclose(float(rows["mind"]["Δ ID"]), -25.0)
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+def test_mcnemar_exact_against_hand_values_and_scipy() -> None:
+    from scipy.stats import binomtest
+
+    assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(7, 7) == 1.0
+    for b, c in [(94, 21), (3, 12), (40, 31)]:
+        assert mcnemar_exact_p(b, c) == pytest.approx(binomtest(b, b + c, 0.5).pvalue)
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 2)
+
+
+def test_paired_bootstrap_is_seeded_and_brackets_the_difference() -> None:
+    model = [True] * 60 + [False] * 40
+    ref = [True] * 30 + [False] * 70
+    lo, hi = paired_bootstrap_ci(model, ref, seed=0)
+    assert (lo, hi) == paired_bootstrap_ci(model, ref, seed=0)
+    assert (lo, hi) != paired_bootstrap_ci(model, ref, seed=1, resamples=200)  # few resamples: the seed shows
+    assert 0.15 < lo < 0.30 < hi < 0.45  # 30 discordant pairs, all for the model
+    assert paired_bootstrap_ci(ref, ref, seed=0) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap_ci(model, ref[:-1], seed=0)
+
+
+def test_pairing_is_by_question_not_by_position() -> None:
+    model = {"q1": True, "q2": False, "q3": True}
+    ref = {"q3": True, "q1": False, "q2": False}  # another order
+    d = paired_comparison(model, ref, seed=0, resamples=500)
+    assert (d["n"], d["b"], d["c"]) == (3, 1, 0)
+    assert d["delta"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="different questions"):
+        paired_comparison(model, {"q1": True, "q2": True, "q4": True}, seed=0)
+
+
+def test_report_pairs_every_model_with_base_and_uniform(tmp_path: Path) -> None:
+    metrics_dir = build_metrics(tmp_path)
+    root = tmp_path / "eval"
+    # uniform: right where base was wrong on 3 embedded questions, wrong on one base got right
+    flags = [False, True, True, True, True] + [False] * 5
+    write_predictions(root, pred_rows("uniform", "embedded", flags))
+    atomic_write_json(metrics_dir / "uniform.json", metrics_from_shards(root, "uniform", {"embedded": "id"}))
+    cfg = ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "summary.md", plot=tmp_path / "p.png",
+                       eval_dir=root, paired_metrics=tmp_path / "paired.json", bootstrap_resamples=2000)
+    run(cfg)
+    paired = json.loads(cfg.paired_metrics.read_text())
+    assert set(paired) == {"single", "uniform", "mind", "base"}
+    assert set(paired["mind"]) == {"vs_base", "vs_uniform"} and set(paired["base"]) == {"vs_uniform"}
+    d = paired["mind"]["vs_base"]["embedded"]  # mind 6/10 vs base 2/10, same ids: 4 discordant, all mind's
+    assert (d["n"], d["b"], d["c"]) == (10, 4, 0)
+    assert d["delta"] == pytest.approx(0.4) and d["mcnemar_p"] == pytest.approx(2 / 16)
+    assert d["ci_low"] > 0
+    assert set(paired["mind"]["vs_uniform"]) == {"embedded"}  # uniform was scored on embedded only
+    u = paired["uniform"]["vs_base"]["embedded"]
+    assert (u["b"], u["c"]) == (3, 1)
+    md = cfg.summary.read_text()
+    assert "## Paired comparisons" in md
+    assert "| `mind` | `base` | embedded | 10 | 60.0 | 20.0 | +40.0 [" in md
+    # a model whose predictions are gone cannot be paired: the error names the folder and the fix
+    import shutil
+
+    shutil.rmtree(root / "single" / "gsm8k")
+    with pytest.raises(FileNotFoundError, match=r"single/gsm8k: no prediction shards.*mind evaluate --model single"):
+        run(cfg)
