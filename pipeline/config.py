@@ -9,6 +9,7 @@ silently using a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -95,8 +96,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - names)
     prefix = f"{where}." if where else ""
     if unknown:
+        close = {k: difflib.get_close_matches(str(k), sorted(names), n=1) for k in unknown}
+        hint = "".join(f"; did you mean '{c[0]}' for '{k}'?" for k, c in close.items() if c)
         raise ConfigError(
-            f"{where or cls.__name__}: unknown parameter(s) {unknown}; known: {sorted(names)}"
+            f"{where or cls.__name__}: unknown parameter(s) {unknown}{hint}; known: {sorted(names)}"
         )
     kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     try:
@@ -118,6 +121,23 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def kind_of(value: Any) -> str:
+    """A value's type in the words of YAML/JSON (for messages): 'a list', 'a number', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
 
 
 def check(condition: bool, message: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from pipeline.config import kind_of
 from pipeline.sample import embedded_splits
 
 AnswerType = Literal["number", "choice", "yesno", "math"]
@@ -125,7 +126,9 @@ def question_key(question: str, choices: list[str]) -> str:
 
 
 def normalise(rec: RawQuestion, task: str, answer_type: AnswerType, source: str) -> dict[str, Any] | BadRow:
-    if not isinstance(rec.question, str) or not rec.question.strip():
+    if not isinstance(rec.question, str):
+        return BadRow(rec.where, "question", f"expected a string, got {kind_of(rec.question)}: {rec.question!r}")
+    if not rec.question.strip():
         return BadRow(rec.where, "question", "empty question")
     question = rec.question.strip()
     choices = [str(c).strip() for c in rec.choices]
@@ -158,24 +161,76 @@ def format_question(row: dict[str, Any]) -> str:
 
 
 def _dig(obj: Any, path: str) -> Any:
-    """``a.b.c`` lookup in nested dicts; KeyError names the missing part."""
+    """``a.b.c`` lookup in nested records; an integer part indexes a list (``answers.0``).
+
+    KeyError carries the reason when a part is missing."""
     for part in path.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            raise KeyError(part)
-        obj = obj[part]
+        if isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, list) and part.isdigit():
+            if int(part) >= len(obj):
+                raise KeyError(f"missing field (no item {part} in a list of {len(obj)})")
+            obj = obj[int(part)]
+        elif isinstance(obj, (dict, list)):
+            raise KeyError("missing field")
+        else:
+            raise KeyError(f"missing field (looked for {part!r} inside {kind_of(obj)}: {obj!r})")
     return obj
 
 
+# Files are decoded with errors="surrogateescape": a byte that is not UTF-8 becomes one lone
+# surrogate (U+DC80..U+DCFF) instead of an exception that names neither file nor line, so the
+# record that holds it can be reported (and skipped) like any other bad row.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(m: re.Match[str], column: bool = False) -> str:
+    """The reason for an undecoded byte found by ``_UNDECODED`` (with its column in a line)."""
+    where = f" at column {m.start() + 1}" if column else ""
+    return f"not valid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x}{where})"
+
+
+def _undecoded_field(obj: Any, prefix: str = "") -> tuple[str, re.Match[str]] | None:
+    """The dotted path of the first key or string in a record that holds an undecoded byte."""
+    if isinstance(obj, str):
+        m = _UNDECODED.search(obj)
+        return (prefix, m) if m else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(key, str) and (m := _UNDECODED.search(key)):
+            return path, m
+        found = _undecoded_field(value, path)
+        if found is not None:
+            return found
+    return None
+
+
+def _undecoded_row(where: str, obj: dict[str, Any]) -> BadRow | None:
+    found = _undecoded_field(obj)
+    return None if found is None else BadRow(where, found[0], _not_utf8(found[1]))
+
+
+def _json_reason(e: json.JSONDecodeError) -> str:
+    # json's messages end in "at" when they expect a position ("Unterminated string starting at").
+    return f"unparseable JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for i, line in enumerate(f, start=1):
             where = f"{path}:{i}"
             if not line.strip():
                 continue
+            undecoded = _UNDECODED.search(line)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, BadRow(where, "<line>", f"unparseable JSON ({e.msg} at column {e.colno})")
+                yield where, BadRow(where, "<line>", _not_utf8(undecoded, True) if undecoded else _json_reason(e))
+                continue
+            if undecoded:
+                found = _undecoded_field(obj)
+                yield where, BadRow(where, found[0] if found else "<line>", _not_utf8(undecoded, True))
                 continue
             if not isinstance(obj, dict):
                 yield where, BadRow(where, "<line>", "expected a JSON object")
@@ -184,10 +239,15 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
 
 
 def _json_list(path: Path, key: str | None = None) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
+    text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    undecoded = _UNDECODED.search(text)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: <file>: unparseable JSON ({e.msg})") from None
+        if undecoded:
+            line = text.count("\n", 0, undecoded.start()) + 1
+            raise DataError(f"{path}:{line}: <file>: {_not_utf8(undecoded)}") from None
+        raise DataError(f"{path}:{e.lineno}: <file>: {_json_reason(e)}") from None
     if key is not None:
         if not isinstance(data, dict) or key not in data:
             raise DataError(f"{path}: <file>: expected a JSON object with a '{key}' list")
@@ -196,7 +256,11 @@ def _json_list(path: Path, key: str | None = None) -> Iterator[tuple[str, dict[s
         raise DataError(f"{path}: <file>: expected a JSON list of records")
     for i, obj in enumerate(data):
         where = f"{path}:record {i}"
-        yield where, obj if isinstance(obj, dict) else BadRow(where, "<record>", "expected a JSON object")
+        if not isinstance(obj, dict):
+            yield where, BadRow(where, "<record>", "expected a JSON object")
+        else:
+            bad = _undecoded_row(where, obj) if undecoded else None  # walk records only if the file has a bad byte
+            yield where, bad or obj
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
@@ -207,9 +271,10 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
     elif suffix == ".json":
         yield from _json_list(path)
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             for i, obj in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield f"{path}:{i}", dict(obj)
+                where = f"{path}:{i}"
+                yield where, _undecoded_row(where, obj) or dict(obj)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -222,8 +287,8 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
 def _field(where: str, obj: dict[str, Any], path: str) -> Any:
     try:
         return _dig(obj, path)
-    except KeyError:
-        raise _Missing(BadRow(where, path, "missing field")) from None
+    except KeyError as e:
+        raise _Missing(BadRow(where, path, e.args[0])) from None
 
 
 class _Missing(Exception):
@@ -375,7 +440,11 @@ def _mapped(where: str, obj: dict[str, Any], fields: dict[str, str]) -> RawQuest
 
 
 def load_generic(path: Path, fields: dict[str, str]) -> Iterator[RawQuestion | BadRow]:
-    """JSON/JSONL/CSV/Parquet with a field map: question, answer, optional choices and id."""
+    """JSON/JSONL/CSV/Parquet with a field map: question, answer, optional choices and id.
+
+    Each field maps to a path into the record: a key (``question``), or dotted parts that
+    reach into nested records, where an integer part indexes a list: ``meta.answer``,
+    ``answers.0`` (the first item of the ``answers`` list)."""
     for where, obj in _records(path):
         yield obj if isinstance(obj, BadRow) else _mapped(where, obj, fields)
 

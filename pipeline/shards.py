@@ -7,13 +7,17 @@ A stage output folder holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (A
 Every file is written under a temporary name and renamed into place, so a crash never
 leaves a half-written shard under a final name. Resumable writers (``generate``) keep the
 complete shards of an interrupted run when the run's config hash is unchanged: the hash
-is recorded in ``_run.json`` when the run starts, before any shard.
+is recorded in ``_run.json`` when the run starts, before any shard, and each shard's row
+count and sha256 are added to it as soon as the shard is complete. On resume a shard is
+kept only if its bytes still match that record; a changed, truncated or unrecorded shard
+is deleted (and logged) so that its rows are generated again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +32,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 RUN_MARKER = "_run.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.arrow$")
+
+log = logging.getLogger("mind.shards")
 
 
 class ShardError(RuntimeError):
@@ -90,8 +96,11 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 
 def read_shard(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all()
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as e:  # truncated or garbled: say which file
+        raise ShardError(f"{path}: shard does not parse as Arrow: {e}") from e
 
 
 class ShardWriter:
@@ -99,7 +108,10 @@ class ShardWriter:
 
     ``resume=False`` clears the folder first. ``resume=True`` keeps the complete shards
     of an earlier run whose ``_run.json`` carries the same config hash, and clears the
-    folder otherwise (a changed parameter starts clean).
+    folder otherwise (a changed parameter starts clean). A kept shard must match the row
+    count and sha256 that ``_run.json`` recorded when it was written; one that does not
+    (or was never recorded) is deleted and listed in ``rejected``, so the caller
+    regenerates its rows. The survivors are renumbered to close the gaps.
     """
 
     def __init__(
@@ -116,12 +128,13 @@ class ShardWriter:
         self.hash = config_hash(config)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         marker = self.out_dir / RUN_MARKER
-        kept = False
+        state: dict[str, Any] = {}
         if resume and marker.exists():
             try:
-                kept = json.loads(marker.read_text()).get("config_hash") == self.hash
+                state = json.loads(marker.read_text())
             except json.JSONDecodeError:
-                kept = False
+                log.warning("%s: unreadable %s; starting clean", self.out_dir, RUN_MARKER)
+        kept = state.get("config_hash") == self.hash
         # The manifest goes first: from now on the folder is incomplete until close().
         (self.out_dir / MANIFEST).unlink(missing_ok=True)
         for p in self.out_dir.iterdir():
@@ -129,11 +142,41 @@ class ShardWriter:
                 p.unlink()
             elif not kept and _SHARD_RE.match(p.name):
                 p.unlink()
-        atomic_write_json(marker, {"config_hash": self.hash, "schema_version": SCHEMA_VERSION})
-        self.resumed_shards: list[Path] = shard_files(self.out_dir) if kept else []
-        self._next = len(self.resumed_shards)
-        if [p.name for p in self.resumed_shards] != [shard_name(i) for i in range(self._next)]:
-            raise ShardError(f"{self.out_dir}: shard numbering has gaps; delete the folder and rerun")
+        self.rejected: dict[str, str] = {}  # shard name -> why it was not kept
+        self.recorded: list[dict[str, Any]] = []  # {file, rows, sha256} of every complete shard, in order
+        if kept:
+            self._keep_verified(state.get("shards", []))
+        self._save_state()
+        self.resumed_shards: list[Path] = [self.out_dir / e["file"] for e in self.recorded]
+        self._next = len(self.recorded)
+
+    def _keep_verified(self, recorded: list[dict[str, Any]]) -> None:
+        """Keep the shards whose bytes match their record; delete the rest; renumber."""
+        by_name = {e["file"]: e for e in recorded}
+        present = {p.name for p in shard_files(self.out_dir)}
+        good: list[dict[str, Any]] = []
+        for name in sorted(present | set(by_name)):
+            entry, path = by_name.get(name), self.out_dir / name
+            if name not in present:
+                self.rejected[name] = "missing"
+            elif entry is None:
+                self.rejected[name] = "not recorded as complete"
+            elif (digest := sha256_file(path)) != entry["sha256"]:
+                self.rejected[name] = f"corrupted (sha256 {digest[:12]}… != recorded {entry['sha256'][:12]}…)"
+            else:
+                good.append(entry)
+                continue
+            path.unlink(missing_ok=True)
+            log.warning("%s: resume: shard %s is %s; its rows will be generated again",
+                        self.out_dir, name, self.rejected[name])
+        for i, entry in enumerate(good):
+            if entry["file"] != shard_name(i):
+                os.replace(self.out_dir / entry["file"], self.out_dir / shard_name(i))
+            self.recorded.append({**entry, "file": shard_name(i)})
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.out_dir / RUN_MARKER, {"config_hash": self.hash, "schema_version": SCHEMA_VERSION,
+                                                      "shards": self.recorded})
 
     def existing_tables(self) -> Iterator[pa.Table]:
         """Tables of the shards kept from an interrupted run with the same config."""
@@ -146,17 +189,31 @@ class ShardWriter:
         table = table.cast(self.schema)
         path = self.out_dir / shard_name(self._next)
         _write_table(path, table)
+        # Recorded only once the shard is complete under its final name: a kill before this
+        # line leaves an unrecorded shard, which a resume deletes rather than trusts.
+        self.recorded.append({"file": path.name, "rows": table.num_rows, "sha256": sha256_file(path)})
+        self._save_state()
         self._next += 1
         return path
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write the manifest (last) and return it."""
+        """Write the manifest (last) and return it.
+
+        The manifest's checksums are the ones recorded when each shard was written, and each
+        file is checked against them first: a shard changed during the run is refused, never
+        blessed with a fresh checksum."""
+        on_disk = [p.name for p in shard_files(self.out_dir)]
+        if on_disk != [e["file"] for e in self.recorded]:
+            raise ShardError(f"{self.out_dir}: shards on disk {on_disk} differ from the ones this run wrote or kept")
         shards = []
-        for p in shard_files(self.out_dir):
+        for entry in self.recorded:
+            p = self.out_dir / entry["file"]
+            if sha256_file(p) != entry["sha256"]:
+                raise ShardError(f"{self.out_dir}: shard {entry['file']} changed after it was written")
             table = read_shard(p)
             if not table.schema.equals(self.schema):
                 raise ShardError(f"{p}: schema differs from the writer's schema")
-            shards.append({"file": p.name, "rows": table.num_rows, "sha256": sha256_file(p)})
+            shards.append(dict(entry))
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "num_rows": sum(s["rows"] for s in shards),
@@ -241,10 +298,7 @@ def read_table(out_dir: Path, *, check: bool = True) -> pa.Table:
     manifest = verify(out_dir) if check else read_manifest(out_dir)
     tables = []
     for entry in manifest["shards"]:
-        try:
-            table = read_shard(out_dir / entry["file"])
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ShardError(f"{out_dir}: shard {entry['file']} does not parse as Arrow: {e}") from e
+        table = read_shard(out_dir / entry["file"])
         if table.num_rows != entry["rows"]:
             raise ShardError(
                 f"{out_dir}: shard {entry['file']} has {table.num_rows} rows, manifest says {entry['rows']}"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from pipeline.config import ConfigError, deep_merge, from_dict
 from pipeline.shards import atomic_write_text
 from stages import analyze, distill, evaluate, generate, models, prepare, report
 from stages import filter as filter_stage
-from stages.cli import command
+from stages.cli import command, read_params, section_of
 
 CONFIGS: dict[str, type] = {
     "models": models.ModelsConfig, "prepare": prepare.PrepareConfig, "generate": generate.GenerateConfig,
@@ -30,15 +31,21 @@ CONFIGS: dict[str, type] = {
 
 
 def validate_params(params: dict[str, Any], source: str) -> dict[str, Any]:
-    """Every stage's config built from a whole params mapping: section -> config object.
+    """The config of every section of a whole params mapping: section -> config object.
 
     Raises ConfigError for a section no stage reads (a typo such as ``evalute:`` would
-    otherwise be kept and silently ignored) as well as for a bad key or value in a known one.
+    otherwise be kept and silently ignored; the message suggests the closest stage), for a
+    section that is not a mapping, and for a bad key or value in a known one. Every stage
+    runs this on the whole file at start, and ``mind params`` on the merged result.
     """
-    unknown = sorted(set(params) - set(CONFIGS))
+    unknown = [name for name in params if name not in CONFIGS]
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {unknown}; the stages are {sorted(CONFIGS)}")
-    return {section: from_dict(cls, params.get(section) or {}, section) for section, cls in CONFIGS.items()}
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(str(name), list(CONFIGS), n=1)
+            named.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(f"{source}: unknown section {', '.join(named)}; the stages are {sorted(CONFIGS)}")
+    return {name: from_dict(CONFIGS[name], section_of(params, name, source), name) for name in params}
 
 
 # vLLM on a CPU host keeps one core for itself unless told otherwise; on a 2-core machine
@@ -65,14 +72,13 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug lo
     )
 
 
-app.command("models", help=models.__doc__)(command(models.ModelsConfig, "models", models.run))
-app.command("prepare", help=prepare.__doc__)(command(prepare.PrepareConfig, "prepare", prepare.run))
-app.command("generate", help=generate.__doc__)(command(generate.GenerateConfig, "generate", generate.run))
-app.command("filter", help=filter_stage.__doc__)(command(filter_stage.FilterConfig, "filter", filter_stage.run))
-app.command("distill", help=distill.__doc__)(command(distill.DistillConfig, "distill", distill.run))
-app.command("evaluate", help=evaluate.__doc__)(command(evaluate.EvaluateConfig, "evaluate", evaluate.run))
-app.command("report", help=report.__doc__)(command(report.ReportConfig, "report", report.run))
-app.command("analyze", help=analyze.__doc__)(command(analyze.AnalyzeConfig, "analyze", analyze.run))
+def _register(name: str, module: Any) -> None:
+    app.command(name, help=module.__doc__)(command(CONFIGS[name], name, module.run, validate_params))
+
+
+for _name, _module in {"models": models, "prepare": prepare, "generate": generate, "filter": filter_stage,
+                       "distill": distill, "evaluate": evaluate, "report": report, "analyze": analyze}.items():
+    _register(_name, _module)
 
 
 @app.command("params")
@@ -85,14 +91,15 @@ def params_override(
 
         mind params configs/paper.yaml
     """
-    merged = deep_merge(yaml.safe_load(params.read_text()) or {}, yaml.safe_load(override.read_text()) or {})
+    log = logging.getLogger("mind")
     try:
+        merged = deep_merge(read_params(params), read_params(override, "params override"))
         validate_params(merged, str(override))
     except ConfigError as e:
-        logging.getLogger("mind").error("%s: %s", override, e)
+        log.error("params: %s", e)
         raise SystemExit(2) from None
     atomic_write_text(params, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
-    logging.getLogger("mind").info("merged %s into %s", override, params)
+    log.info("merged %s into %s", override, params)
 
 
 if __name__ == "__main__":

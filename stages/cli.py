@@ -2,8 +2,10 @@
 
 A stage declares its parameters once, as a dataclass whose fields carry a ``help`` text in
 their metadata. ``command`` turns that dataclass into a typer command whose options are the
-fields (``--help`` lists every one), reads the stage's section of ``params.yaml`` and
-applies the options given on the command line on top. Scalars are typed options; list and
+fields (``--help`` lists every one), reads ``params.yaml``, applies the options given on the
+command line on top of the stage's section and validates every section of the file before
+the stage runs. Errors (bad YAML, an unknown section or key, a bad value) are one logged
+line naming the file or option, and exit code 2. Scalars are typed options; list and
 mapping fields take YAML text (``--datasets '[{name: gsm8k, ...}]'``).
 """
 
@@ -22,30 +24,63 @@ from typing import Any, TypeVar
 import typer
 import yaml
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError, kind_of
 from pipeline.shards import ShardError
 
 C = TypeVar("C")
 log = logging.getLogger("mind")
 
 
-def load_section(params_path: Path, section: str) -> dict[str, Any]:
-    if not params_path.exists():
-        raise ConfigError(f"{params_path}: params file not found")
-    data = yaml.safe_load(params_path.read_text()) or {}
+def _yaml_error(source: str, e: yaml.YAMLError) -> ConfigError:
+    """One line naming the file (or option), line and column: PyYAML's own message spans
+    several lines and, for text from the command line, names no source at all."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        context = f" ({e.context})" if e.context else ""
+        return ConfigError(f"{source}: malformed YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                           f"{e.problem}{context}")
+    return ConfigError(f"{source}: malformed YAML: {' '.join(str(e).split())}")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text (a file's, or a command-line option's) as data; errors name ``source``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e) from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's data; a missing file, a non-UTF-8 byte or bad YAML is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    return parse_yaml(text, str(path))
+
+
+def read_params(path: Path, what: str = "params file") -> dict[str, Any]:
+    """A whole params file: a mapping of stage sections (an empty file is an empty mapping)."""
+    data = read_yaml(path, what)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{params_path}: expected a mapping of stage sections")
-    value = data.get(section) or {}
+        raise ConfigError(f"{path}: expected a mapping of stage sections, got {kind_of(data)}")
+    return data
+
+
+def section_of(params: dict[str, Any], section: str, source: str) -> dict[str, Any]:
+    """``params[section]`` as a mapping (absent or empty: {})."""
+    value = params.get(section)
+    if value is None:
+        return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{params_path}: section '{section}' must be a mapping")
+        raise ConfigError(f"{source}: section {section} must be a mapping, got {kind_of(value)}")
     return value
-
-
-def load_config(cls: type[C], section: str, params_path: Path, overrides: dict[str, Any] | None = None) -> C:
-    """The stage config: ``params.yaml[section]`` with ``overrides`` applied on top."""
-    data = dict(load_section(params_path, section))
-    data.update(overrides or {})
-    return from_dict(cls, data, section)
 
 
 def _is_scalar(tp: Any) -> bool:
@@ -65,15 +100,22 @@ def _option_type(tp: Any) -> Any:
     return tp
 
 
-def command(cls: type[C], section: str, run: Callable[[C], Any]) -> Callable[..., None]:
-    """A typer command for ``run(config)``, with one option per field of ``cls``."""
+def command(
+    cls: type[C], section: str, run: Callable[[C], Any], validate: Callable[[dict[str, Any], str], dict[str, Any]]
+) -> Callable[..., None]:
+    """A typer command for ``run(config)``, with one option per field of ``cls``.
+
+    ``validate`` builds the config of every section of the params file (this stage's with
+    the command-line options applied) and raises ConfigError for any bad one: a typo in
+    another stage's section, or an unknown section, stops this stage too instead of being
+    silently ignored."""
     hints = typing.get_type_hints(cls)
     params = [
         inspect.Parameter(
             "params",
             inspect.Parameter.KEYWORD_ONLY,
             default=Path("params.yaml"),
-            annotation=typing.Annotated[Path, typer.Option(help="params file; this stage reads its own section")],
+            annotation=typing.Annotated[Path, typer.Option(help="params file; every section is validated, this stage runs its own")],
         )
     ]
     for f in dataclasses.fields(cls):
@@ -91,13 +133,16 @@ def command(cls: type[C], section: str, run: Callable[[C], Any]) -> Callable[...
 
     def cmd(**kwargs: Any) -> None:
         params_path = kwargs.pop("params")
-        overrides: dict[str, Any] = {}
-        for name, value in kwargs.items():
-            if value is None:
-                continue
-            overrides[name] = value if _is_scalar(hints[name]) else yaml.safe_load(value)
         try:
-            cfg = load_config(cls, section, params_path, overrides)
+            overrides: dict[str, Any] = {}
+            for name, value in kwargs.items():
+                if value is None:
+                    continue
+                option = f"--{name.replace('_', '-')}"
+                overrides[name] = value if _is_scalar(hints[name]) else parse_yaml(value, option)
+            params = read_params(params_path)
+            params = {**params, section: {**section_of(params, section, str(params_path)), **overrides}}
+            cfg = validate(params, str(params_path))[section]
             run(cfg)
         except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
             log.error("%s: %s", section, e)

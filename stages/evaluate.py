@@ -226,6 +226,9 @@ def resolve_model(cfg: EvaluateConfig) -> tuple[str, Path | None, EngineConfig]:
     if cfg.student_source == "merged":
         merged = student / "merged"
         if not (merged / "config.json").exists():
+            if not (student / "adapter").is_dir():
+                raise FileNotFoundError(f"student {cfg.model}: no merged model or adapter in {student} "
+                                        f"(run `mind distill --method {cfg.model}`)")
             raise FileNotFoundError(f"student {cfg.model}: no merged model in {merged} "
                                     "(distill did not merge it; use student_source: adapter)")
         return str(merged), None, cfg.engine

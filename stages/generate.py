@@ -13,7 +13,9 @@ finish_reason == "length", wall time, throughput).
 
 Resumption: after a crash or kill, a rerun with the same configuration keeps every complete
 shard and generates only the missing questions; any change of a generation parameter (or of
-the questions, the perspectives or the teacher model) starts clean. Under DVC the output is
+the questions, the perspectives or the teacher model) starts clean. A kept shard must match
+the sha256 recorded when it was written: a corrupted, truncated or missing one is logged and
+its questions are generated again (``stats.json``: ``rejected_shards``). Under DVC the output is
 ``persist: true`` so ``dvc repro`` leaves the partial folder in place for this.
 """
 
@@ -193,9 +195,9 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     remaining = plan_remaining(ids, ns, names, writer.existing_tables())
     total = sum(len(ids) * len(names) * n for n in ns.values())
     todo = sum(len(remaining[t]) * len(names) * ns[t] for t in ns)
-    if writer.resumed_shards:
-        log.info("resuming: kept %d complete shard(s) with %d rows; %d rows to generate",
-                 len(writer.resumed_shards), total - todo, todo)
+    if writer.resumed_shards or writer.rejected:
+        log.info("resuming: kept %d verified shard(s) with %d rows, rejected %d; %d rows to generate",
+                 len(writer.resumed_shards), total - todo, len(writer.rejected), todo)
 
     bar = tqdm(total=todo, unit="row", desc="generate", dynamic_ncols=True)
     new_tokens = 0
@@ -256,6 +258,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
         "questions": len(ids),
         "perspectives": names,
         "resumed_shards": len(writer.resumed_shards),
+        "rejected_shards": writer.rejected,
         "resumed_rows": total - todo,
         "generated_rows": todo,
         "generated_tokens": new_tokens,

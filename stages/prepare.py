@@ -87,9 +87,14 @@ class PrepareConfig:
         check(self.shard_size > 0, "prepare.shard_size must be positive")
 
 
-def _read(spec: DatasetSpec, cfg: PrepareConfig) -> Iterator[Q.RawQuestion | Q.BadRow]:
+def _source(spec: DatasetSpec, cfg: PrepareConfig) -> Path:
+    """The dataset's file, with ``{shared}`` resolved (a Hub id for format hub)."""
     shared = os.environ.get("MIND_SHARED_DATA", cfg.shared_dir)
-    path = Path(spec.path.replace("{shared}", shared)) if spec.path else Path()
+    return Path(spec.path.replace("{shared}", shared)) if spec.path else Path()
+
+
+def _read(spec: DatasetSpec, cfg: PrepareConfig) -> Iterator[Q.RawQuestion | Q.BadRow]:
+    path = _source(spec, cfg)
     if spec.format not in ("embedded", "hub") and not path.exists():
         raise FileNotFoundError(f"{spec.name}: {path} not found")
     if spec.format == "embedded":
@@ -110,7 +115,9 @@ def load_dataset_rows(spec: DatasetSpec, cfg: PrepareConfig, counts: Counter[str
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     ids: set[str] = set()
+    read = 0
     for rec in _read(spec, cfg):
+        read += 1
         counts["read"] += 1
         row = rec if isinstance(rec, Q.BadRow) else Q.normalise(rec, task, answer_type, spec.format)
         if isinstance(row, Q.BadRow):
@@ -129,6 +136,9 @@ def load_dataset_rows(spec: DatasetSpec, cfg: PrepareConfig, counts: Counter[str
         seen.add(key)
         ids.add(row["id"])
         rows.append(row)
+    if read == 0:  # an empty file would otherwise become a 0-row split that only a later stage refuses
+        where = _source(spec, cfg) if spec.format != "embedded" else f"embedded[{spec.split}]"
+        raise Q.DataError(f"{spec.name}: {where} holds no records")
     if cfg.shuffle:
         random.Random(f"{cfg.seed}:{spec.name}").shuffle(rows)
     if spec.limit is not None:

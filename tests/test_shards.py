@@ -108,3 +108,30 @@ def test_rewrite_removes_stale_shards(tmp_path: Path) -> None:
 def test_config_hash_ignores_key_order() -> None:
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_resume_drops_a_corrupted_shard_and_renumbers_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    w = ShardWriter(out, SCHEMA, {"t": 1}, resume=True)
+    for k in range(3):
+        w.write(_rows(k + 1))  # 1, 2 and 3 rows; then "killed": no close()
+    data = bytearray((out / "shard-00001.arrow").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "shard-00001.arrow").write_bytes(bytes(data))
+    w2 = ShardWriter(out, SCHEMA, {"t": 1}, resume=True)
+    assert list(w2.rejected) == ["shard-00001.arrow"] and "corrupted" in w2.rejected["shard-00001.arrow"]
+    assert [p.name for p in w2.resumed_shards] == ["shard-00000.arrow", "shard-00001.arrow"]
+    assert [t.num_rows for t in w2.existing_tables()] == [1, 3]  # the old shard-00002 is now shard-00001
+    w2.write(_rows(2))
+    manifest = w2.close()
+    assert [s["rows"] for s in manifest["shards"]] == [1, 3, 2]
+    assert read_table(out).num_rows == 6
+
+
+def test_close_refuses_a_shard_changed_during_the_run(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path / "out", SCHEMA, {})
+    path = w.write(_rows(5))
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ShardError, match="shard shard-00000.arrow changed after it was written"):
+        w.close()
+    assert not (tmp_path / "out" / MANIFEST).exists()
