@@ -97,9 +97,19 @@ def answer_instruction(answer_type: str) -> str:
 STUDENT_PROMPT = "{question}\n\nLet's think step by step. {answer_instruction}"
 
 
+def teacher_instruction(answer_type: str) -> str:
+    """The teacher's closing instruction: reason first, then the answer sentence.
+
+    Asked only to "end with" the answer sentence, Qwen2.5-Coder-0.5B-Instruct answered half of the
+    Decomposition, Planning, Analogy, Socratic and Counterfactual prompts with the bare sentence
+    (12 embedded questions x 8 perspectives, T 0.7: 15 of 96 rationales usable). Asking for the
+    reasoning first made all 96 reason, and 61 usable (correct, >= 12 tokens of reasoning)."""
+    return "Write out your reasoning step by step first. Then e" + answer_instruction(answer_type)[1:]
+
+
 def build_prompt(perspective: Perspective, question: str, answer_type: str) -> str:
-    """The user message for one (perspective, question): the template, then the answer instruction."""
-    return perspective.template.format(question=question).rstrip() + "\n\n" + answer_instruction(answer_type)
+    """The user message for one (perspective, question): the template, then the teacher instruction."""
+    return perspective.template.format(question=question).rstrip() + "\n\n" + teacher_instruction(answer_type)
 
 
 def _check_template(template: str, where: str) -> None:

@@ -13,6 +13,7 @@ from pipeline.perspectives import (
     PerspectiveError,
     answer_instruction,
     build_prompt,
+    teacher_instruction,
     load_perspectives,
 )
 from pipeline.questions import format_question
@@ -53,7 +54,8 @@ def test_builtin_set_is_the_eight_mind_paradigms() -> None:
 def test_prompt_for_every_perspective_through_chat_template(perspective, tokenizer) -> None:
     user = build_prompt(perspective, format_question(QUESTION), "number")
     assert QUESTION["question"] in user
-    assert user.endswith(answer_instruction("number"))
+    assert user.endswith(teacher_instruction("number"))
+    assert teacher_instruction("number").startswith("Write out your reasoning step by step first. Then end your response")
     assert '"The answer is X."' in user and "the final number" in user
     [prompt] = chat_prompts(tokenizer, [user])
     assert prompt == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
@@ -104,7 +106,7 @@ perspectives:
     assert got[1].template.startswith("Go with your gut.")
     user = build_prompt(got[-1], "What is 1 + 1?", "number")
     assert "Use {braces} literally." in user and "Question: What is 1 + 1?" in user
-    assert user.endswith(answer_instruction("number"))
+    assert user.endswith(teacher_instruction("number"))
 
 
 def test_custom_yaml_replaces(tmp_path: Path) -> None:
