@@ -20,6 +20,7 @@ from distill_helpers import filtered_rows, make_filtered, make_tiny_model
 from pipeline import losses as L
 from pipeline.config import ConfigError
 from pipeline.shards import write_shards
+from pipeline.ta import TeachingAssistant
 from stages import distill as D
 from stages.filter import FILTERED_SCHEMA
 
@@ -180,7 +181,7 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(method: str, tmp_pat
             assert (curves / f"{name}.tsv").exists()
         assert len(m["ta_warmup"]) == 2
         ta = torch.load(out / "ta.pt", weights_only=False)
-        net = D.TeachingAssistant(**ta["config"])
+        net = TeachingAssistant(**ta["config"])
         net.load_state_dict(ta["state_dict"])
         assert torch.isfinite(ta["ema"]).any()
 
