@@ -2,7 +2,7 @@
 
     mind distill --method mind                 # params.yaml's `distill` section
     mind distill --method uniform              # also: single, mcc
-    mind distill --method mind --no-synergy --run-name mind-no-synergy   # an ablation
+    mind distill --method mind-no-synergy      # an ablation (also mind-ema0, mind-beta0)
     accelerate launch --config_file configs/accelerate/ddp_gpu.yaml -m stages.app distill --method mind
 
 Reads ``data/filtered/`` (one training unit = one question with its K <= ``max_paths`` kept
