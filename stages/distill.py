@@ -559,11 +559,11 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def checkpoint_dirs(ckpt_root: Path) -> list[Path]:
-    """Checkpoints under their final names (complete when written; see verify_checkpoint), oldest first."""
+    """Checkpoints under their final names (given when complete; verify_checkpoint checks what is
+    in them since), oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / "trainer_state.pt").exists())
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
 def write_checksums(ckpt: Path) -> None:
