@@ -187,7 +187,8 @@ def build_fdic(emb: Tensor, cfg: FdicConfig, device: torch.device) -> Fdic:
     """A fresh TA (initialised from ``cfg.seed`` without touching the global RNG) over the path
     embeddings ``emb [paths, 2·d]``, its AdamW at the warm-up ``lr`` and an empty ``L̄``."""
     with torch.random.fork_rng(devices=[]):  # built on CPU, then moved
-        torch.manual_seed(cfg.seed)
+        # The CPU generator only: torch.manual_seed would also reseed CUDA, the student's RNG on a GPU.
+        torch.default_generator.manual_seed(cfg.seed)
         ta = TeachingAssistant(emb.shape[1], cfg.hidden_dim, cfg.num_heads, cfg.synergy, cfg.score_heads,
                                cfg.dropout)
     ta = ta.to(device)

@@ -148,7 +148,7 @@ class DistillConfig:
     ta_warmup_steps: int = field(4, help="FDIC warm-up: TA-only steps against the frozen student")
     ta_joint_lr: float = field(1e-4, help="TA learning rate in the joint phase (much smaller than ta_lr)")
     ta_accum_steps: int = field(4, help="joint phase: TA optimizer step every this many student micro-batches")
-    ema_mu: float = field(0.9, help="FDIC inertia μ per student optimizer step: a revisit after Δ steps does "
+    ema_mu: float = field(0.5, help="FDIC inertia μ per student optimizer step: a revisit after Δ steps does "
                                     "L̄ <- r·L̄ + (1-r)·L, r = μ^max(1, Δ); half-life ln2/-ln μ steps: set it "
                                     "against max_steps (0: instantaneous loss)")
     # robustness and logging

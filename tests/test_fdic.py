@@ -193,3 +193,14 @@ def test_the_ta_is_seeded_and_its_dropout_is_live() -> None:
     assert not torch.allclose(s1, s2)  # dropout draws new masks
     assert torch.allclose(s1, b.scores(path_ids, mask, train=True))  # ... from the seeded generator
     assert torch.equal(a.scores(path_ids, mask, train=False), a.scores(path_ids, mask, train=False))
+
+
+def test_building_the_ta_does_not_reseed_the_accelerator_rng(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the student's dropout draws from the CUDA RNG: seeding the TA must not touch it
+    (torch.manual_seed would reseed every CUDA generator)."""
+    def no_cuda_seed(seed: int) -> None:
+        raise AssertionError("the TA reseeded the CUDA RNG")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", no_cuda_seed)
+    monkeypatch.setattr(torch.cuda, "manual_seed", no_cuda_seed)
+    _fdic()
