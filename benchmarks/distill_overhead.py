@@ -88,7 +88,7 @@ def main() -> None:
     model, tok = D.load_student(mind)
     units, path_rows, counts = D.load_units(mind, tok)
     t0 = time.perf_counter()
-    fdic = D.build_fdic(mind, path_rows, accelerator.device, mind.embedding_cache)
+    fdic = D.build_run_fdic(mind, path_rows, accelerator.device, mind.embedding_cache)
     embed_s = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=mind.lr)
@@ -98,14 +98,14 @@ def main() -> None:
 
     def student_step(cfg: D.DistillConfig, batch: D.Batch) -> None:
         loss, meta, _ = D.micro_losses(cfg, model, batch, accelerator.device, fdic if cfg.method == "mind" else None,
-                                       accelerator)
+                                       accelerator, 0)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad()
         if meta is not None:
             (meta / cfg.ta_accum_steps).backward()
-            D.step_ta(accelerator, fdic)  # every step here: the worst case for the TA's cost
+            fdic.step(None)  # every step here: the worst case for the TA's cost
 
     # The TA warm-up step: the frozen student's forward only, plus the TA's own step.
     model.eval()
@@ -113,16 +113,16 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         ce, _ = D.forward_losses(model, batch, accelerator.device, "off")
-    target = D.update_ema(accelerator, fdic, batch, ce, mind.ema_mu, mind.questions_per_step * mind.max_paths)
-    L.listnet_kl(fdic.scores(batch, train=True), target, batch.mask, mind.tau).backward()
-    D.step_ta(accelerator, fdic)
+    target = D.observe(accelerator, fdic, batch, ce, 0, mind)
+    fdic.warmup_step(L.listnet_kl(fdic.scores(batch.path_ids, batch.mask, train=True), target, batch.mask, mind.tau),
+                     None)
     warm_s = time.perf_counter() - t0
     model.train()
 
     times: dict[str, list[float]] = {"uniform": [], "mind": []}
     tokens = targets = 0
     for step in range(args.warmup + args.steps):
-        idx = D.question_stream(len(units), 0, step * mind.questions_per_step, mind.questions_per_step)
+        idx = D.question_stream(len(units), 0, step, mind.questions_per_step)
         batch = D.collate([units[i] for i in idx], tok.pad_token_id, mind.max_paths)
         order = [("uniform", uniform), ("mind", mind)]
         for name, cfg in order if step % 2 == 0 else order[::-1]:

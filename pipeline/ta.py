@@ -8,10 +8,18 @@ Per question (``K`` path slots, ``mask`` marks the real ones):
 
 1. an MLP projection ``2·d -> hidden``;
 2. the synergy layer: multi-head self-attention across the question's paths, with a
-   key-padding mask so a missing path is never attended to, plus a residual connection and
-   LayerNorm. ``synergy=False`` (the ablation) skips it: each path is scored alone;
-3. scoring heads: ``n_heads`` linear heads on the path representation, averaged into one
-   score ``s_k``. Padding slots get score 0 and must be ignored through ``mask``.
+   key-padding mask so a missing path is never attended to, plus a residual connection.
+   ``synergy=False`` (the ablation) removes only the attention: each path is scored alone;
+3. LayerNorm (with or without synergy, so the ablation differs by the attention alone);
+4. scoring heads: ``score_heads`` independent heads, each its own hidden layer
+   (``hidden -> hidden``, GELU, ``hidden -> 1``), averaged into one score ``s_k``: an
+   ensemble, not one linear map in disguise. Padding slots get score 0 and must be ignored
+   through ``mask``.
+
+Dropout (after the projection's hidden layer and on the attention output) draws its masks
+from the ``generator`` passed to ``forward`` (``pipeline.fdic`` passes the TA's own), not from
+torch's global RNG: MIND's TA must not shift the student's LoRA dropout masks, which the
+baselines draw from that global RNG.
 
 Choice: the question and the rationale are embedded separately (rather than as one
 concatenated text) so that neither is truncated by the encoder's sequence limit and the TA
@@ -25,6 +33,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger("mind.ta")
@@ -43,33 +52,46 @@ class TeachingAssistant(nn.Module):
         super().__init__()
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim {hidden_dim} must be divisible by num_heads {num_heads}")
+        if score_heads < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"score_heads {score_heads} must be >= 1 and dropout {dropout} in [0, 1)")
         self.synergy = synergy
-        self.proj = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, hidden_dim),
-        )
-        # Built even when synergy is off, so TA checkpoints share one layout; unused then.
-        self.attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = dropout
+        self.proj_in = nn.Linear(embed_dim, hidden_dim)
+        self.proj_out = nn.Linear(hidden_dim, hidden_dim)
+        # Built even when synergy is off, so TA checkpoints share one layout; unused then. Its own
+        # dropout is off: the output dropout below draws from the TA's generator instead.
+        self.attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=0.0, batch_first=True)
         self.norm = nn.LayerNorm(hidden_dim)
-        self.heads = nn.Sequential(nn.GELU(), nn.Linear(hidden_dim, score_heads))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+            for _ in range(score_heads))
 
-    def forward(self, emb: Tensor, mask: Tensor) -> Tensor:
-        """``emb [Q, K, embed_dim]``, ``mask [Q, K]`` (True = real path) -> scores ``[Q, K]``."""
+    def _drop(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Inverted dropout whose mask comes from ``generator`` (None: torch's global RNG)."""
+        if not self.training or self.dropout == 0.0:
+            return x
+        where = generator.device if generator is not None else x.device
+        keep = torch.rand(x.shape, generator=generator, device=where).to(x.device) >= self.dropout
+        return x * keep / (1.0 - self.dropout)
+
+    def forward(self, emb: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``emb [Q, K, embed_dim]``, ``mask [Q, K]`` (True = real path) -> scores ``[Q, K]``.
+
+        In train mode, dropout masks are drawn from ``generator``."""
         if emb.dim() != 3 or mask.shape != emb.shape[:2]:
             raise ValueError(f"TA expects emb [Q, K, D] and mask [Q, K], got {tuple(emb.shape)}, {tuple(mask.shape)}")
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every question needs at least one real path")
         # Padding embeddings may hold anything; zero them so they cannot produce NaN/inf.
         emb = emb.masked_fill(~mask[..., None], 0.0)
-        h = self.proj(emb)
+        h = self.proj_out(self._drop(F.gelu(self.proj_in(emb)), generator))
         if self.synergy:
             # key_padding_mask: True = ignore that key. Every question has a real key, so no
             # attention row is all-masked (which would give NaN).
             a, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
-            h = self.norm(h + a)
-        s = self.heads(h).mean(dim=-1)
+            h = h + self._drop(a, generator)
+        h = self.norm(h)
+        s = torch.stack([head(h).squeeze(-1) for head in self.heads], dim=-1).mean(dim=-1)
         return s.masked_fill(~mask, 0.0)
 
 

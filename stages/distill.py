@@ -2,7 +2,7 @@
 
     mind distill --method mind                 # params.yaml's `distill` section
     mind distill --method uniform              # also: single, mcc
-    mind distill --method mind --no-synergy --run-name mind-no-synergy   # an ablation
+    mind distill --method mind-no-synergy      # an ablation (also mind-ema0, mind-beta0)
     accelerate launch --config_file configs/accelerate/ddp_gpu.yaml -m stages.app distill --method mind
 
 Reads ``data/filtered/`` (one training unit = one question with its K <= ``max_paths`` kept
@@ -22,19 +22,33 @@ question are weighted:
 - ``uniform`` every kept path, equal weights; CE only.
 - ``mcc``     uniform + the answer-consistency term (MCC-KD style), weight ``consistency_weight``.
 - ``mind``    the TA's selection ``I`` and weights ``α`` + the consistency term, with
-              Feedback-Driven Inertia Calibration (FDIC): ``ta_warmup_steps`` of TA-only
-              training against the frozen student's per-path losses, then a joint phase in
-              which the TA steps every ``ta_accum_steps`` student micro-batches with
-              ``ta_joint_lr``; per-rationale losses are smoothed by an EMA with ``ema_mu``.
-Ablations are params of ``mind``: ``synergy: false``, ``ema_mu: 0``, ``beta: 0``.
+              Feedback-Driven Inertia Calibration (FDIC, ``pipeline/fdic.py``): ``ta_warmup_steps``
+              of TA-only training against the frozen student's per-path losses, then a joint
+              phase in which the TA steps every ``ta_accum_steps`` student micro-batches with
+              ``ta_joint_lr``; per-rationale losses are smoothed with an inertia ``ema_mu`` per
+              student optimizer step.
+
+Ablations (the paper's table) are methods too: ``mind-no-synergy`` (``synergy: false``),
+``mind-ema0`` (``ema_mu: 0``, the instantaneous loss) and ``mind-beta0`` (``beta: 0``) run
+``mind`` with that one parameter forced, into ``<out_root>/<ablation>``; ``ablations`` lists
+the ones dvc.yaml runs and evaluates (``distill-ablation@<name>``, ``evaluate-ablation@<name>``).
 
 Every method gets the same question stream (same seed, questions per step, steps, learning
 rate): the TA warm-up draws from its own, separate stream, so it does not shift the
-student's data.
+student's data. The TA also draws its initialisation and dropout from its own generators,
+so the student's RNG (LoRA dropout) is the same for every method.
+
+Checkpoints (``checkpoint_every``) hold the student's and the TA's whole state, the TA's
+pending accumulated gradients included, and a ``checksums.json`` (sha256 of every file)
+written when the checkpoint is complete. A resume verifies it; a checkpoint that fails is
+discarded with a log line and the run resumes from the one before (the newest two are kept)
+or starts from scratch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -55,23 +69,32 @@ from torch import Tensor
 from pipeline import losses as L
 from pipeline.config import ConfigError, check, from_dict, to_dict
 from pipeline.engine import resolve_dtype
+from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
-from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows
-from pipeline.ta import TeachingAssistant, embed_paths
+from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows, sha256_file
+from pipeline.ta import embed_paths
 from stages.cli import field
 
 log = logging.getLogger("mind.distill")
 
-Method = Literal["single", "uniform", "mcc", "mind"]
+Method = Literal["single", "uniform", "mcc", "mind", "mind-no-synergy", "mind-ema0", "mind-beta0"]
+Ablation = Literal["mind-no-synergy", "mind-ema0", "mind-beta0"]
+# Each ablation is mind with one parameter forced (the paper's ablation table).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "mind-no-synergy": {"synergy": False}, "mind-ema0": {"ema_mu": 0.0}, "mind-beta0": {"beta": 0.0}}
 REQUIRED_COLUMNS = ("question_id", "teacher", "perspective", "sample_index", "text", "question", "answer_offset")
 # Keys that do not change what is trained: a checkpoint stays valid when only these change.
 _RESUME_NEUTRAL = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "out_root", "live_root",
-                   "embedding_cache", "run_name", "cpu_threads")
+                   "embedding_cache", "run_name", "cpu_threads", "ablations")
+CHECKSUMS = "checksums.json"  # in every checkpoint, written when it is complete
 
 
 @dataclass
 class DistillConfig:
-    method: Method = field("mind", help="training method")
+    method: Method = field("mind", help="training method, or an ablation of mind (mind-no-synergy, mind-ema0, "
+                                        "mind-beta0: mind with synergy false, ema_mu 0, beta 0)")
+    ablations: list[Ablation] = field(help="ablations dvc.yaml runs and evaluates beside the methods "
+                                           "(distill-ablation@<name>); [] runs none", factory=list)
     run_name: str | None = field(None, help="output folder name under out_root (default: the method)")
     filtered_dir: Path = field(Path("data/filtered"), help="filtered rationale shards")
     student: str = field("data/models/smollm2-135m-instruct", help="student model: local HF dir or Hub id")
@@ -121,15 +144,17 @@ class DistillConfig:
     synergy: bool = field(True, help="TA synergy layer (self-attention across a question's paths)")
     ta_hidden: int = field(256, help="TA hidden size")
     ta_heads: int = field(4, help="TA synergy attention heads")
-    ta_score_heads: int = field(1, help="TA scoring heads (averaged into one score)")
+    ta_score_heads: int = field(1, help="TA scoring heads, each with its own hidden layer (averaged into one score)")
     ta_dropout: float = field(0.1, help="TA dropout")
     ta_lr: float = field(1e-3, help="TA learning rate in the warm-up phase")
     ta_warmup_steps: int = field(4, help="FDIC warm-up: TA-only steps against the frozen student")
     ta_joint_lr: float = field(1e-4, help="TA learning rate in the joint phase (much smaller than ta_lr)")
     ta_accum_steps: int = field(4, help="joint phase: TA optimizer step every this many student micro-batches")
-    ema_mu: float = field(0.9, help="FDIC inertia: L̄ <- μ·L̄ + (1-μ)·L per rationale (0: instantaneous loss)")
+    ema_mu: float = field(0.5, help="FDIC inertia μ per student optimizer step: a revisit after Δ steps does "
+                                    "L̄ <- r·L̄ + (1-r)·L, r = μ^max(1, Δ); half-life ln2/-ln μ steps: set it "
+                                    "against max_steps (0: instantaneous loss)")
     # robustness and logging
-    checkpoint_every: int = field(4, help="save a resumable checkpoint every N steps (0: never)")
+    checkpoint_every: int = field(4, help="save a resumable, sha256-verified checkpoint every N steps (0: never)")
     keep_checkpoints: bool = field(False, help="keep checkpoints after a successful run")
     resume: bool = field(True, help="resume from the last checkpoint of an identical config")
     log_every: int = field(1, help="log a progress line every N steps")
@@ -164,6 +189,7 @@ class DistillConfig:
         check(0.0 <= self.ema_mu < 1.0, "distill.ema_mu must be in [0, 1)")
         check(self.checkpoint_every >= 0 and self.log_every >= 1, "distill: checkpoint_every >= 0, log_every >= 1")
         check(self.cpu_threads is None or self.cpu_threads >= 1, "distill.cpu_threads must be >= 1 or null")
+        check(len(set(self.ablations)) == len(self.ablations), f"distill.ablations {self.ablations} repeats a name")
 
     @property
     def name(self) -> str:
@@ -173,6 +199,19 @@ class DistillConfig:
     def lam(self) -> float:
         """λ actually used: the consistency term belongs to mcc and mind only."""
         return self.consistency_weight if self.method in ("mcc", "mind") else 0.0
+
+
+def resolve_ablation(cfg: DistillConfig) -> DistillConfig:
+    """An ablation method as the ``mind`` config it stands for, run under the ablation's name."""
+    if cfg.method not in ABLATIONS:
+        return cfg
+    return dataclasses.replace(cfg, method="mind", run_name=cfg.run_name or cfg.method, **ABLATIONS[cfg.method])
+
+
+def fdic_config(cfg: DistillConfig) -> FdicConfig:
+    return FdicConfig(hidden_dim=cfg.ta_hidden, num_heads=cfg.ta_heads, synergy=cfg.synergy,
+                      score_heads=cfg.ta_score_heads, dropout=cfg.ta_dropout, lr=cfg.ta_lr, joint_lr=cfg.ta_joint_lr,
+                      accum_steps=cfg.ta_accum_steps, mu=cfg.ema_mu, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- data
@@ -319,17 +358,32 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
     return units, path_rows, dict(counts)
 
 
-def question_stream(n: int, seed: int, pos: int, count: int) -> list[int]:
-    """Questions at global positions ``pos .. pos+count-1`` of a seeded epoch-by-epoch shuffle."""
-    out = []
-    perms: dict[int, list[int]] = {}
-    for p in range(pos, pos + count):
-        epoch = p // n
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            perms[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(perms[epoch][p % n])
-    return out
+@functools.lru_cache(maxsize=64)
+def epoch_order(n: int, seed: int, size: int, epoch: int) -> tuple[int, ...]:
+    """The order of the ``n`` questions in ``epoch`` of a stream cut into micro-batches of ``size``.
+
+    A seeded shuffle per epoch, except that when a micro-batch straddles the boundary with the
+    previous epoch, this epoch's first questions skip the ones already in that micro-batch
+    (they move later), so no micro-batch holds a question twice.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    start = epoch * n
+    straddle = start // size * size  # first position of the micro-batch holding this epoch's start
+    if epoch == 0 or straddle == start:
+        return tuple(order)
+    prev = epoch_order(n, seed, size, epoch - 1)
+    taken = set(prev[straddle - (start - n):])
+    head = [q for q in order if q not in taken][: straddle + size - start]
+    rest = [q for q in order if q not in set(head)]
+    return tuple(head + rest)
+
+
+def question_stream(n: int, seed: int, micro: int, size: int) -> list[int]:
+    """Global micro-batch ``micro`` (``size`` distinct questions) of a seeded epoch-by-epoch shuffle."""
+    if not 1 <= size <= n:
+        raise ValueError(f"question_stream: micro-batches of {size} need 1 <= size <= {n} questions")
+    pos = micro * size
+    return [epoch_order(n, seed, size, p // n)[p % n] for p in range(pos, pos + size)]
 
 
 @dataclass
@@ -430,72 +484,35 @@ def to_grid(values: Tensor, batch: Batch) -> Tensor:
     return g
 
 
-# ---------------------------------------------------------------- FDIC
+# ---------------------------------------------------------------- FDIC (state and rules: pipeline/fdic.py)
 
 
-@dataclass
-class Fdic:
-    """MIND's Teaching Assistant state: the TA, its own optimiser, the cached path embeddings
-    and the inertia-filtered loss table L̄ (one entry per rationale, NaN until first seen).
-    Every process holds a full, identical copy; the TA is not wrapped by accelerate."""
-
-    ta: TeachingAssistant
-    opt: torch.optim.Optimizer
-    emb: Tensor  # [paths, 2·d]
-    ema: Tensor  # [paths]
-
-    def scores(self, batch: Batch, train: bool) -> Tensor:
-        self.ta.train(train)
-        dev = self.emb.device
-        return self.ta(self.emb[batch.path_ids.clamp_min(0).to(dev)], batch.mask.to(dev))
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+def build_run_fdic(cfg: DistillConfig, path_rows: list[dict[str, Any]], device: torch.device,
+                   cache: Path | None) -> Fdic:
+    """The run's FDIC state over the frozen encoder's path embeddings."""
+    with rng_fork(device):  # loading the encoder must not move the student's RNG either
+        emb = embed_paths([r["question"] for r in path_rows], [r["text"] for r in path_rows], cfg.encoder, cache,
+                          device=str(device) if device.type == "cuda" else "cpu")
+    return build_fdic(emb, fdic_config(cfg), device)
 
 
-def build_fdic(cfg: DistillConfig, path_rows: list[dict[str, Any]], device: torch.device, cache: Path | None) -> Fdic:
-    emb = embed_paths([r["question"] for r in path_rows], [r["text"] for r in path_rows], cfg.encoder, cache,
-                      device=str(device) if device.type == "cuda" else "cpu")
-    ta = TeachingAssistant(emb.shape[1], cfg.ta_hidden, cfg.ta_heads, cfg.synergy, cfg.ta_score_heads,
-                           cfg.ta_dropout).to(device)
-    return Fdic(ta, torch.optim.AdamW(ta.parameters(), lr=cfg.ta_lr), emb.to(device),
-                torch.full((len(path_rows),), float("nan"), device=device))
+def observe(accelerator: Any, fdic: Fdic, batch: Batch, ce: Tensor, clock: int, cfg: DistillConfig) -> Tensor:
+    """Fold this micro-batch's per-path CE into L̄ (all processes); returns this process's ``[Q, K]`` L̄."""
+    return update_ema(fdic, batch.path_ids, batch.mask, to_grid(ce.detach(), batch), clock,
+                      cfg.questions_per_step * cfg.max_paths, accelerator.gather)
 
 
-def update_ema(accelerator: Any, fdic: Fdic, batch: Batch, ce: Tensor, mu: float, slots: int) -> Tensor:
-    """``L̄ <- μ·L̄ + (1-μ)·L`` for every path any process saw in this micro-batch (gathered, so
-    all copies of the table stay identical); returns this process's ``[Q, K]`` grid of L̄."""
-    device = fdic.ema.device
-    mask = batch.mask.to(device)
-    ids = torch.full((slots,), -1, dtype=torch.long, device=device)
-    vals = torch.zeros(slots, device=device)
-    local = batch.path_ids.to(device)[mask]
-    ids[: len(local)] = local
-    vals[: len(local)] = to_grid(ce.detach().float(), batch)[mask]
-    ids, vals = accelerator.gather(ids), accelerator.gather(vals)
-    seen = ids >= 0
-    ids, vals = ids[seen], vals[seen]
-    old = fdic.ema[ids]
-    fdic.ema[ids] = torch.where(torch.isnan(old), vals, mu * old + (1 - mu) * vals)  # first visit: L̄ = L
-    grid = torch.zeros(batch.grid.shape, device=device)
-    grid[mask] = fdic.ema[batch.path_ids.to(device)[mask]]
-    return grid
-
-
-def step_ta(accelerator: Any, fdic: Fdic) -> None:
-    """Average the TA's gradients over processes, then step and clear them."""
-    if accelerator.num_processes > 1:
-        for p in fdic.ta.parameters():
-            if p.grad is not None:
-                p.grad = accelerator.reduce(p.grad, "mean")
-    fdic.opt.step()
-    fdic.opt.zero_grad()
+def grad_average(accelerator: Any) -> Callable[[Tensor], Tensor] | None:
+    """How a TA step averages gradients over processes (None: one process)."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda g: accelerator.reduce(g, "mean")
 
 
 def micro_losses(cfg: DistillConfig, model: Any, batch: Batch, device: torch.device, fdic: Fdic | None,
-                 accelerator: Any) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-    """One micro-batch of the joint phase: (student loss, TA meta loss or None, logged figures)."""
+                 accelerator: Any, clock: int) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+    """One micro-batch of the joint phase at student step ``clock``: (student loss, TA meta loss or
+    None, logged figures)."""
     mask = batch.mask.to(device)
     # uniform computes the JSD too, without gradient, so every multi-path method logs it.
     jsd_mode = "off" if cfg.method == "single" else ("grad" if cfg.lam > 0 else "log")
@@ -503,12 +520,12 @@ def micro_losses(cfg: DistillConfig, model: Any, batch: Batch, device: torch.dev
     stats: dict[str, float] = {}
     meta = None
     if fdic is not None:
-        target = update_ema(accelerator, fdic, batch, ce, cfg.ema_mu, cfg.questions_per_step * cfg.max_paths)
+        target = observe(accelerator, fdic, batch, ce, clock, cfg)
         with torch.no_grad():  # α comes from the TA without dropout; the meta loss trains it with
-            s = fdic.scores(batch, train=False)
+            s = fdic.scores(batch.path_ids, batch.mask, train=False)
         selected = L.select_paths(s, mask, cfg.beta, cfg.tau_student)
         alpha = L.path_weights(s, selected, cfg.tau_student)
-        meta = L.listnet_kl(fdic.scores(batch, train=True), target, mask, cfg.tau)
+        meta = L.listnet_kl(fdic.scores(batch.path_ids, batch.mask, train=True), target, mask, cfg.tau)
         stats["meta_loss"] = meta.item()
         stats["spearman"] = L.mean_question_spearman(s, -target, mask)
     else:
@@ -544,11 +561,44 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def checkpoint_dirs(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints (final names only), oldest first."""
+    """Checkpoints under their final names (given when complete; verify_checkpoint checks what is
+    in them since), oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / "trainer_state.pt").exists())
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def write_checksums(ckpt: Path) -> None:
+    """sha256 of every file of a complete checkpoint, into ``checksums.json``."""
+    files = sorted(f for f in ckpt.rglob("*") if f.is_file() and f.name != CHECKSUMS)
+    atomic_write_json(ckpt / CHECKSUMS, {str(f.relative_to(ckpt)): sha256_file(f) for f in files})
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when every file listed in ``checksums.json`` is there with its sha256, else what is wrong."""
+    try:
+        expected = json.loads((ckpt / CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable {CHECKSUMS} ({e.__class__.__name__})"
+    for rel, digest in sorted(expected.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if sha256_file(path) != digest:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def pick_checkpoint(ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that verifies, or None; the ones newer than it that failed, with the
+    reason). The caller still checks that the one found belongs to its config."""
+    failed: list[tuple[Path, str]] = []
+    for ckpt in reversed(checkpoint_dirs(ckpt_root)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, failed
+        failed.append((ckpt, problem))
+    return None, failed
 
 
 def resume_hash(cfg: DistillConfig) -> str:
@@ -573,20 +623,26 @@ def check_finite(accelerator: Any, values: dict[str, Tensor | float | None], ste
                             "Lower lr, check the filtered data, or train in float32.")
 
 
-def save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
-    """accelerate's state (model/optimizer/RNG) + ours, under a temp name renamed when complete;
-    older checkpoints are removed."""
+def save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, state: dict[str, Any],
+                    pending: list[Tensor | None] | None) -> Path:
+    """accelerate's state (model/optimizer/RNG) + ours + each process's pending TA gradients
+    (``pending``), and ``checksums.json``, under a temp name renamed when complete. The newest
+    two checkpoints are kept: one that fails verification falls back to the one before."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if pending is not None:
+        torch.save(pending, tmp / f"ta_pending_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(state, tmp / "trainer_state.pt")
+        write_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoint_dirs(ckpt_root)[:-1]:
+        for old in checkpoint_dirs(ckpt_root)[:-2]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -610,6 +666,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     t_start = time.time()
+    cfg = resolve_ablation(cfg)
     read_manifest(cfg.filtered_dir)  # fail fast, before any model loads, when the filtered set is missing
     accelerator = Accelerator(cpu=cfg.force_cpu or not torch.accelerator.is_available(),
                               gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
@@ -639,7 +696,11 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         cfg.name, n, counts["paths"], counts["paths"] / n, max(len(u.paths) for u in units), counts["rows_read"],
         {k: v for k, v in counts.items() if k not in ("rows_read", "questions", "paths")} or "none", world, device,
         accelerator.state.backend or "single process")
-    fdic = build_fdic(cfg, path_rows, device, cfg.embedding_cache if main else None) if cfg.method == "mind" else None
+    fdic = build_run_fdic(cfg, path_rows, device, cfg.embedding_cache if main else None) if cfg.method == "mind" else None
+    if fdic is not None:
+        say("%s: FDIC inertia ema_mu %g: half-life %.1f of %d student steps", cfg.name, cfg.ema_mu,
+            half_life_steps(cfg.ema_mu), cfg.max_steps)
+    average = grad_average(accelerator)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -662,22 +723,28 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     step = warm_done = 0
     resumed_from = None
     rh = resume_hash(cfg)
-    ckpts = checkpoint_dirs(ckpt_root) if cfg.resume else []
-    if ckpts:
-        state = torch.load(ckpts[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state["resume_hash"] == rh:
-            accelerator.load_state(str(ckpts[-1]), **({} if sharded else {"strict": False}))
-            step, warm_done = state["step"], state["warm_done"]
-            scheduler.load_state_dict(state["scheduler"])
-            if fdic is not None:
-                fdic.ta.load_state_dict(state["ta"])
-                fdic.opt.load_state_dict(state["ta_opt"])
-                fdic.ema.copy_(state["ema"].to(device))
-            resumed_from = step
-            say("%s: resumed from %s (step %d)", cfg.name, ckpts[-1], step)
-        else:
-            say("%s: checkpoint %s belongs to another config; starting fresh", cfg.name, ckpts[-1])
+    ckpt, failed = pick_checkpoint(ckpt_root) if cfg.resume else (None, [])
+    for bad, problem in failed:
+        say("%s: checkpoint %s fails verification (%s); discarded", cfg.name, bad, problem)
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False) if ckpt else None
+    if ckpt is not None and state["resume_hash"] != rh:
+        say("%s: checkpoint %s belongs to another config; starting fresh", cfg.name, ckpt)
+    elif ckpt is not None:
+        accelerator.load_state(str(ckpt), **({} if sharded else {"strict": False}))
+        step, warm_done = state["step"], state["warm_done"]
+        scheduler.load_state_dict(state["scheduler"])
+        if fdic is not None:
+            fdic.load_state_dict(state["fdic"])
+            fdic.load_pending_grads(torch.load(ckpt / f"ta_pending_{accelerator.process_index}.pt",
+                                               map_location="cpu", weights_only=False))
+        resumed_from = step
+        say("%s: resumed from %s (step %d)", cfg.name, ckpt, step)
+    elif failed:
+        say("%s: no checkpoint verifies; starting from scratch", cfg.name)
     accelerator.wait_for_everyone()
+    if main:
+        for bad, _ in failed:
+            shutil.rmtree(bad, ignore_errors=True)
     if main and resumed_from is None:
         shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run owns its folder: nothing stale survives
     accelerator.wait_for_everyone()
@@ -690,14 +757,13 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
 
     def batch_at(stream_seed: int, micro: int) -> Batch:
         """This process's share of global micro-batch ``micro`` of a seeded question stream."""
-        pos = micro * per_step + accelerator.process_index * cfg.questions_per_step
-        idx = question_stream(n, stream_seed, pos, cfg.questions_per_step)
+        first = accelerator.process_index * cfg.questions_per_step
+        idx = question_stream(n, stream_seed, micro, per_step)[first: first + cfg.questions_per_step]
         return collate([units[i] for i in idx], tokenizer.pad_token_id, cfg.max_paths)
 
     def trainer_state() -> dict[str, Any]:
         return {"resume_hash": rh, "step": step, "warm_done": warm_done, "scheduler": scheduler.state_dict(),
-                "ta": fdic.ta.state_dict() if fdic else None, "ta_opt": fdic.opt.state_dict() if fdic else None,
-                "ema": fdic.ema.cpu() if fdic else None}
+                "fdic": fdic.state_dict() if fdic else None}
 
     # ---- FDIC phase 1: the TA learns alone against the frozen student's per-path losses.
     # Its questions come from a separate stream, so the student's stream is the same for every method.
@@ -708,18 +774,19 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             batch = batch_at(cfg.seed + 7919, w)
             with torch.no_grad():
                 ce, _ = forward_losses(model, batch, device, "off")
-            target = update_ema(accelerator, fdic, batch, ce, cfg.ema_mu, cfg.questions_per_step * cfg.max_paths)
-            meta = L.listnet_kl(fdic.scores(batch, train=True), target, batch.mask.to(device), cfg.tau)
+            target = observe(accelerator, fdic, batch, ce, 0, cfg)  # clock 0: the student has not stepped
+            meta = L.listnet_kl(fdic.scores(batch.path_ids, batch.mask, train=True), target, batch.mask.to(device),
+                                cfg.tau)
             check_finite(accelerator, {"TA meta loss": meta}, -cfg.ta_warmup_steps + w, ckpt_root, cfg.name)
-            meta.backward()
-            step_ta(accelerator, fdic)
+            fdic.warmup_step(meta, average)
             with torch.no_grad():
-                rho = L.mean_question_spearman(fdic.scores(batch, train=False), -target, batch.mask.to(device))
+                rho = L.mean_question_spearman(fdic.scores(batch.path_ids, batch.mask, train=False), -target,
+                                               batch.mask.to(device))
             warm_curve.append(reduce_record(accelerator, {"meta_loss": [meta.item()], "spearman": [rho]}))
             warm_done = w + 1
             say("%s: TA warm-up %d/%d: meta loss %.4f, Spearman(s, -L̄) %.3f", cfg.name, warm_done,
                 cfg.ta_warmup_steps, warm_curve[-1]["meta_loss"], warm_curve[-1]["spearman"])
-        fdic.set_lr(cfg.ta_joint_lr)
+        fdic.start_joint()
 
     # ---- joint phase: the student trains; the TA follows with a smaller LR and a wider window.
     model.train()
@@ -727,14 +794,14 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     tokens = 0
     t_train = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill {cfg.name}", unit="step", disable=not main)
-    ta_micro = 0
     while step < cfg.max_steps:
         acc: dict[str, list[float]] = defaultdict(list)
         for a in range(cfg.grad_accum):
-            batch = batch_at(cfg.seed, step * cfg.grad_accum + a)
+            micro = step * cfg.grad_accum + a
+            batch = batch_at(cfg.seed, micro)
             tokens += batch.tokens
             with accelerator.accumulate(model):
-                loss, meta, stats = micro_losses(cfg, model, batch, device, fdic, accelerator)
+                loss, meta, stats = micro_losses(cfg, model, batch, device, fdic, accelerator, step)
                 check_finite(accelerator, {"loss": loss, "TA meta loss": meta}, step, ckpt_root, cfg.name)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -744,10 +811,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
                 optimizer.step()
                 optimizer.zero_grad()
             if fdic is not None and meta is not None:
-                (meta / cfg.ta_accum_steps).backward()
-                ta_micro += 1
-                if ta_micro % cfg.ta_accum_steps == 0:
-                    step_ta(accelerator, fdic)
+                # Steps where the micro-batch index says, so a resumed run steps where this one would.
+                fdic.joint_micro(meta, micro, average)
             for k, v in stats.items():
                 acc[k].append(v)
         scheduler.step()
@@ -764,7 +829,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", ce=f"{rec['ce']:.4f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            say("%s: checkpoint %s", cfg.name, save_checkpoint(accelerator, ckpt_root, step, trainer_state()))
+            say("%s: checkpoint %s", cfg.name, save_checkpoint(accelerator, ckpt_root, step, trainer_state(),
+                                                               fdic.pending_grads() if fdic else None))
     bar.close()
     train_s = time.time() - t_train
     tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum"))
@@ -848,7 +914,8 @@ def save_outputs(cfg: DistillConfig, accelerator: Any, model: Any, tokenizer: An
     place(merged_tmp, out_dir / "merged")
     if fdic is not None:
         tmp = out_dir / ".ta.pt.tmp"
-        torch.save({"state_dict": fdic.ta.state_dict(), "ema": fdic.ema.cpu(), "encoder": cfg.encoder, "config": {
+        torch.save({"state_dict": fdic.ta.state_dict(), "ema": fdic.ema.cpu(), "seen_at": fdic.seen_at.cpu(),
+                    "encoder": cfg.encoder, "config": {
             "embed_dim": fdic.emb.shape[1], "hidden_dim": cfg.ta_hidden, "num_heads": cfg.ta_heads,
             "synergy": cfg.synergy, "score_heads": cfg.ta_score_heads, "dropout": cfg.ta_dropout}}, tmp)
         os.replace(tmp, out_dir / "ta.pt")

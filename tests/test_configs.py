@@ -75,11 +75,16 @@ def test_paper_config_is_the_paper_setting() -> None:
     student = "data/models/qwen2.5-1.5b-instruct"
     assert c["distill"].student == student and c["evaluate"].base_model == student
     assert c["analyze"].students["base"] == student
-    # GSM8K train pool of 497 questions, 8 perspectives.
+    # A larger GSM8K pool, 8 perspectives; the filter's difficulty-aware selection keeps 497 of it.
     (train,) = c["prepare"].train
-    assert train.format == "gsm8k" and train.limit == 497
+    assert train.format == "gsm8k" and train.limit is not None and train.limit >= 3 * 497
+    assert c["generate"].num_questions is None  # the whole pool is generated
     assert c["generate"].perspectives is None and c["generate"].perspectives_file is None  # the 8 built-in
     assert c["filter"].max_questions == 497 and c["distill"].max_paths == 8
+    assert c["filter"].easy_keep_fraction < 1.0  # easy questions are down-sampled, hard ones kept
+    # The paper's ablation table: each ablation is trained, evaluated and in the report's order.
+    assert c["distill"].ablations == ["mind-no-synergy", "mind-ema0", "mind-beta0"]
+    assert all(a in c["report"].order for a in c["distill"].ablations)
     # ID and OOD eval on the six benchmarks, every question (no limits).
     groups = {d.name: d.group for d in c["evaluate"].datasets}
     assert groups == {"gsm8k": "id", "svamp": "id", "math500": "id",
@@ -155,3 +160,57 @@ def test_students_train_on_exactly_the_prompt_evaluate_asks() -> None:
         asked = evaluate.user_message(configs["evaluate"].prompt, row)
         assert trained == asked
         assert "Let's think step by step." in asked and "The answer is X." in asked
+
+
+def _inertia_fits(params: dict[str, Any], source: str) -> None:
+    from pipeline.fdic import half_life_steps
+
+    d = validate(params, source)["distill"]
+    assert half_life_steps(d.ema_mu) <= d.max_steps / 4, (
+        f"{source}: ema_mu {d.ema_mu} remembers a loss for {half_life_steps(d.ema_mu):.1f} steps (half-life) "
+        f"of a {d.max_steps}-step run: L̄ would lag the student")
+
+
+def test_inertia_memory_fits_the_run() -> None:
+    """FDIC's L̄ forgets per student step; its half-life must be a small part of the run."""
+    params = load_yaml(ROOT / "params.yaml")
+    _inertia_fits(params, "params.yaml")
+    _inertia_fits(deep_merge(params, load_yaml(ROOT / "configs" / "paper.yaml")), "configs/paper.yaml")
+    with pytest.raises(AssertionError, match="lag the student"):
+        _inertia_fits(deep_merge(params, {"distill": {"ema_mu": 0.95}}), "bad")
+
+
+def _dvc_stages(tmp: Path, params: dict[str, Any]) -> tuple[set[str], dict[str, set[str]]]:
+    """The stage names DVC resolves from dvc.yaml with these params, and each stage's upstream stages."""
+    import shutil
+
+    from dvc.repo import Repo
+
+    shutil.copy(ROOT / "dvc.yaml", tmp / "dvc.yaml")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    Repo.init(str(tmp), no_scm=True)
+    with Repo(str(tmp)) as repo:
+        graph = repo.index.graph
+        names = {s.name for s in graph.nodes}
+        upstream = {s.name: {d.name for d in graph.successors(s)} for s in graph.nodes}
+    return names, upstream
+
+
+ABLATION_STAGES = ["distill-ablation@mind-no-synergy", "distill-ablation@mind-ema0", "distill-ablation@mind-beta0",
+                   "evaluate-ablation@mind-no-synergy", "evaluate-ablation@mind-ema0", "evaluate-ablation@mind-beta0"]
+
+
+def test_dvc_runs_the_ablations_only_when_params_list_them(tmp_path: Path) -> None:
+    params = load_yaml(ROOT / "params.yaml")
+    (tmp_path / "default").mkdir()
+    names, _ = _dvc_stages(tmp_path / "default", params)
+    assert "distill@mind" in names and not any(n in names for n in ABLATION_STAGES)  # off in the CPU default
+
+    paper = deep_merge(params, load_yaml(ROOT / "configs" / "paper.yaml"))
+    (tmp_path / "paper").mkdir()
+    names, upstream = _dvc_stages(tmp_path / "paper", paper)
+    assert set(ABLATION_STAGES) <= names
+    for a in ("mind-no-synergy", "mind-ema0", "mind-beta0"):
+        assert upstream[f"evaluate-ablation@{a}"] >= {f"distill-ablation@{a}"}
+        assert f"evaluate-ablation@{a}" in upstream["report"]  # the report waits for every evaluated ablation
+    assert {f"evaluate@{m}" for m in ("base", "single", "uniform", "mcc", "mind")} <= upstream["report"]

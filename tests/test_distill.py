@@ -20,6 +20,7 @@ from distill_helpers import filtered_rows, make_filtered, make_tiny_model
 from pipeline import losses as L
 from pipeline.config import ConfigError
 from pipeline.shards import write_shards
+from pipeline.ta import TeachingAssistant
 from stages import distill as D
 from stages.filter import FILTERED_SCHEMA
 
@@ -145,6 +146,41 @@ def test_too_few_questions_is_an_error_that_states_the_numbers(tmp_path: Path, t
         D.run(tiny_cfg(tmp_path, f, tiny, encoder_dir, questions_per_step=4))
 
 
+@pytest.mark.parametrize("n,size", [(5, 2), (7, 3), (6, 4), (6, 3)])
+def test_question_stream_never_repeats_a_question_in_a_micro_batch(n: int, size: int) -> None:
+    """Each epoch is a permutation of the questions, and a micro-batch that straddles an epoch
+    boundary still holds distinct questions (a plain per-epoch shuffle repeats some)."""
+    for seed in range(6):
+        stream = [q for m in range(6 * n) for q in D.question_stream(n, seed, m, size)]
+        for m in range(6 * n):
+            batch = stream[m * size: (m + 1) * size]
+            assert len(set(batch)) == size, (seed, m, batch)
+        for e in range(len(stream) // n):
+            assert sorted(stream[e * n: (e + 1) * n]) == list(range(n)), (seed, e)
+        if n % size == 0:  # aligned: exactly the seeded shuffle of each epoch
+            g = torch.Generator().manual_seed(seed * 1_000_003 + 1)
+            assert stream[n: 2 * n] == torch.randperm(n, generator=g).tolist()
+
+
+def test_ablations_are_mind_with_one_parameter_forced(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path,
+                                                      one_thread: object) -> None:
+    base = tiny_cfg(tmp_path, filtered, tiny, encoder_dir)
+    for name, forced in D.ABLATIONS.items():
+        cfg = D.resolve_ablation(D.DistillConfig(**{**base.__dict__, "method": name}))
+        assert cfg.method == "mind" and cfg.name == name
+        assert {k: getattr(cfg, k) for k in forced} == forced
+        assert {k: v for k, v in cfg.__dict__.items() if k not in forced and k not in ("method", "run_name")} == \
+            {k: v for k, v in base.__dict__.items() if k not in forced and k not in ("method", "run_name")}
+    assert D.resolve_ablation(D.DistillConfig(method="mind-ema0", run_name="x")).name == "x"
+    with pytest.raises(ConfigError, match="repeats"):
+        D.DistillConfig(ablations=["mind-ema0", "mind-ema0"])
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind-ema0", max_steps=2))
+    out = tmp_path / "students" / "mind-ema0"
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "mind" and config["run_name"] == "mind-ema0" and config["ema_mu"] == 0.0
+    assert (out / "ta.pt").exists() and (out / "merged").is_dir()
+
+
 # ---------------------------------------------------------------- training on a tiny student
 
 
@@ -180,17 +216,21 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(method: str, tmp_pat
             assert (curves / f"{name}.tsv").exists()
         assert len(m["ta_warmup"]) == 2
         ta = torch.load(out / "ta.pt", weights_only=False)
-        net = D.TeachingAssistant(**ta["config"])
+        net = TeachingAssistant(**ta["config"])
         net.load_state_dict(ta["state_dict"])
-        assert torch.isfinite(ta["ema"]).any()
+        # 6 questions, 2 per micro-batch: the warm-up and 6 steps visit every path; the last visits
+        # happen at student step 5 (0-based), and L̄ holds a loss for every path.
+        assert torch.isfinite(ta["ema"]).all() and bool((ta["ema"] > 0).all())
+        assert bool((ta["seen_at"] >= 0).all()) and int(ta["seen_at"].max()) == 5
 
 
 def test_mind_differs_from_uniform_only_through_alpha(tmp_path: Path, filtered: Path, tiny: Path,
                                                       encoder_dir: Path, one_thread: object) -> None:
-    """β = 0 and no synergy: mind selects every path like uniform. With a huge τ_student its α is
-    uniform too, and the student's training must then be identical to uniform's; a sharp τ_student
-    changes only α, and the losses then differ."""
-    common = dict(beta=0.0, synergy=False, consistency_weight=0.0, lora_dropout=0.0, ta_dropout=0.0)
+    """β = 0, λ = 0: mind selects every path like uniform. With a huge τ_student its α is uniform
+    too, and the student's training must then be identical to uniform's, with LoRA dropout and TA
+    dropout on: the TA draws from its own generators, so the student's dropout masks are the same
+    as uniform's. A sharp τ_student changes only α, and the losses then differ."""
+    common = dict(beta=0.0, consistency_weight=0.0, lora_dropout=0.2, ta_dropout=0.2)
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", **common))
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", tau_student=1e9, run_name="flat", **common))
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", tau_student=0.001, run_name="sharp",
@@ -198,9 +238,52 @@ def test_mind_differs_from_uniform_only_through_alpha(tmp_path: Path, filtered: 
     u, flat, sharp = (history(tmp_path / "students" / n) for n in ("uniform", "flat", "sharp"))
     assert [r["loss"] for r in flat] == pytest.approx([r["loss"] for r in u], rel=1e-6)
     assert [r["ce_mean"] for r in flat] == pytest.approx([r["ce_mean"] for r in u], rel=1e-6)
+    trained = [load_file(tmp_path / "students" / n / "adapter" / "adapter_model.safetensors") for n in ("uniform", "flat")]
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.allclose(trained[0][k].float(), trained[1][k].float(), atol=1e-6) for k in trained[0])
     assert all(r["mean_selected"] == pytest.approx(q["mean_selected"]) for r, q in zip(flat, u))
     assert all(r["alpha_entropy"] < q["alpha_entropy"] - 0.1 for r, q in zip(sharp, u))
     assert [r["loss"] for r in sharp] != pytest.approx([r["loss"] for r in u], rel=1e-6)
+
+
+def test_fdic_phases_in_a_run(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path,
+                              monkeypatch: pytest.MonkeyPatch, one_thread: object) -> None:
+    """The order of events in a mind run: ta_warmup_steps TA steps at ta_lr while the student is
+    frozen (no update, no gradient left behind), then a TA step at ta_joint_lr after every
+    ta_accum_steps student micro-batches, at the clock of the student step."""
+    from pipeline.fdic import Fdic
+
+    events: list[tuple[str, float]] = []
+    snapshot: dict[str, torch.Tensor] = {}
+    real_step, real_micro, real_load = Fdic.step, D.micro_losses, D.load_student
+
+    def load_student(cfg: D.DistillConfig) -> tuple[object, object]:
+        model, tok = real_load(cfg)
+        snapshot.update({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+        return model, tok
+
+    def step(self: Fdic, average: object) -> None:
+        events.append(("ta", self.opt.param_groups[0]["lr"]))
+        real_step(self, average)  # type: ignore[arg-type]
+
+    def micro_losses(cfg: D.DistillConfig, model: object, batch: D.Batch, device: torch.device, fdic: Fdic | None,
+                     accelerator: object, clock: int) -> tuple:
+        if not any(e[0] == "student" for e in events):  # the first joint micro-batch: warm-up is over
+            params = dict(accelerator.unwrap_model(model).named_parameters())  # type: ignore[attr-defined]
+            for k, v in snapshot.items():
+                assert torch.equal(params[k].detach(), v), f"the warm-up changed {k}"
+                assert params[k].grad is None, f"the warm-up left a gradient on {k}"
+        events.append(("student", float(clock)))
+        return real_micro(cfg, model, batch, device, fdic, accelerator, clock)
+
+    monkeypatch.setattr(D, "load_student", load_student)
+    monkeypatch.setattr(Fdic, "step", step)
+    monkeypatch.setattr(D, "micro_losses", micro_losses)
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", max_steps=5, grad_accum=2, ta_warmup_steps=3,
+                   ta_accum_steps=3, ta_lr=1e-3, ta_joint_lr=2e-5))
+    s = [("student", float(t)) for t in range(5) for _ in range(2)]  # 5 steps x 2 micro-batches
+    joint = s[:3] + [("ta", 2e-5)] + s[3:6] + [("ta", 2e-5)] + s[6:9] + [("ta", 2e-5)] + s[9:]
+    assert events == [("ta", 1e-3)] * 3 + joint
 
 
 def test_full_fine_tuning_writes_a_merged_model_only(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path,
@@ -230,7 +313,7 @@ def _params_file(path: Path, cfg: D.DistillConfig) -> Path:
 def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path: Path, filtered: Path, tiny: Path,
                                                               encoder_dir: Path, one_thread: object) -> None:
     cfg = tiny_cfg(tmp_path / "killed", filtered, tiny, encoder_dir, method="mind", max_steps=20, max_epochs=20.0,
-                   questions_per_step=1, checkpoint_every=2)
+                   questions_per_step=1, checkpoint_every=3, ta_accum_steps=4)
     params = _params_file(tmp_path / "params.yaml", cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stages.app", "distill", "--params", str(params)], cwd=ROOT,
@@ -246,16 +329,103 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path: Path, fi
 
     result = D.run(cfg)  # same config: resumes
     start = result["resumed_from_step"]
-    assert start is not None and 2 <= start < 20 and start % 2 == 0 and result["steps"] == 20
+    assert start is not None and 3 <= start < 20 and start % 3 == 0 and result["steps"] == 20
     resumed = history(tmp_path / "killed" / "students" / "mind")
     assert not ckpts.exists()  # removed after a successful run
 
     D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, method="mind", max_steps=20, max_epochs=20.0,
-                   questions_per_step=1))
+                   questions_per_step=1, ta_accum_steps=4))
     straight = history(tmp_path / "straight" / "students" / "mind")
     # Same data order, RNG, TA and L̄ state after the resume: the same losses as an uninterrupted run.
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[start:]], rel=1e-4)
     assert [r["meta_loss"] for r in resumed] == pytest.approx([r["meta_loss"] for r in straight[start:]], rel=1e-3)
+
+
+class _Crash(RuntimeError):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+def _crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    real = D.save_checkpoint
+
+    def save_then_crash(accelerator: object, ckpt_root: Path, step: int, *args: object) -> Path:
+        path = real(accelerator, ckpt_root, step, *args)  # type: ignore[arg-type]
+        if step == at_step:
+            raise _Crash(f"killed after {path}")
+        return path
+
+    monkeypatch.setattr(D, "save_checkpoint", save_then_crash)
+
+
+def test_resume_with_unaligned_checkpoint_and_ta_accumulation_matches_a_straight_run(
+        tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        one_thread: object) -> None:
+    """checkpoint_every 3, ta_accum_steps 4: the checkpoint at step 3 holds 3 of the TA's 4
+    accumulated micro-batches. The resumed run must step the TA at micro-batch 4 with all four
+    gradients, as the uninterrupted run does (it used to restart the count and lose them). A
+    large ta_joint_lr and LoRA dropout make any difference in the TA's steps or the RNG show."""
+    kw = dict(method="mind", max_steps=9, max_epochs=20.0, questions_per_step=1, checkpoint_every=3,
+              ta_accum_steps=4, ta_joint_lr=0.05, lora_dropout=0.1, tau_student=0.2)
+    D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, **kw))
+    straight = history(tmp_path / "straight" / "students" / "mind")
+    cfg = tiny_cfg(tmp_path / "resumed", filtered, tiny, encoder_dir, **kw)
+    with monkeypatch.context() as m:
+        _crash_after_checkpoint(m, 3)
+        with pytest.raises(_Crash):
+            D.run(cfg)
+    result = D.run(cfg)
+    assert result["resumed_from_step"] == 3
+    resumed = history(tmp_path / "resumed" / "students" / "mind")
+    assert len(resumed) == 6
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[3:]], rel=1e-4, abs=1e-4)
+    assert [r["meta_loss"] for r in resumed] == pytest.approx([r["meta_loss"] for r in straight[3:]], rel=1e-4,
+                                                              abs=1e-4)
+
+
+def test_a_checkpoint_that_fails_verification_falls_back_to_the_previous_one(
+        tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, one_thread: object) -> None:
+    """Every checkpoint records its files' sha256. A flipped byte in the newest makes the resume
+    discard it with a log line and continue from the one before; with both corrupted the run
+    starts from scratch. Either way the losses are an uninterrupted run's."""
+    import logging
+
+    kw = dict(method="mind", max_steps=6, checkpoint_every=2, ta_accum_steps=3, lora_dropout=0.1)
+    D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, **kw))
+    straight = [r["loss"] for r in history(tmp_path / "straight" / "students" / "mind")]
+    cfg = tiny_cfg(tmp_path / "run", filtered, tiny, encoder_dir, **kw)
+    ckpts = tmp_path / "run" / "students" / "mind" / "checkpoints"
+
+    def crash_and_corrupt(which: list[str]) -> None:
+        with monkeypatch.context() as m:
+            _crash_after_checkpoint(m, 4)
+            with pytest.raises(_Crash):
+                D.run(cfg)
+        assert [c.name for c in D.checkpoint_dirs(ckpts)] == ["step-000002", "step-000004"]
+        for name in which:
+            assert D.verify_checkpoint(ckpts / name) is None
+            target = ckpts / name / "model.safetensors"
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            target.write_bytes(bytes(data))
+            assert "model.safetensors does not match its sha256" in D.verify_checkpoint(ckpts / name)
+
+    crash_and_corrupt(["step-000004"])
+    with caplog.at_level(logging.INFO, logger="mind.distill"):
+        result = D.run(cfg)
+    assert result["resumed_from_step"] == 2
+    assert "step-000004 fails verification (model.safetensors does not match its sha256); discarded" in caplog.text
+    assert [r["loss"] for r in history(tmp_path / "run" / "students" / "mind")] == \
+        pytest.approx(straight[2:], rel=1e-4, abs=1e-4)
+
+    crash_and_corrupt(["step-000002", "step-000004"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mind.distill"):
+        result = D.run(cfg)
+    assert result["resumed_from_step"] is None
+    assert caplog.text.count("fails verification") == 2 and "no checkpoint verifies; starting from scratch" in caplog.text
+    assert [r["loss"] for r in history(tmp_path / "run" / "students" / "mind")] == \
+        pytest.approx(straight, rel=1e-4, abs=1e-4)
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path: Path, filtered: Path, tiny: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,57 @@ def test_embeddings_are_cached_per_text(encoder_dir: Path, tmp_path: Path, monke
     # A new text does need the encoder.
     with pytest.raises(AssertionError, match="encoder was loaded"):
         encode_texts(["a brand new rationale"], str(encoder_dir), tmp_path)
+
+
+def test_score_heads_are_independent_not_one_linear_map() -> None:
+    """Each head has its own hidden layer: two heads are an ensemble, which one head with the
+    averaged weights does not reproduce (with heads sharing a GELU and only a linear map after
+    it, it would, exactly)."""
+    torch.manual_seed(0)
+    two = TeachingAssistant(12, hidden_dim=16, num_heads=4, score_heads=2, dropout=0.0).eval()
+    assert len(two.heads) == 2
+    assert two.heads[0][0].weight.data_ptr() != two.heads[1][0].weight.data_ptr()
+    one = TeachingAssistant(12, hidden_dim=16, num_heads=4, score_heads=1, dropout=0.0).eval()
+    state = {k: v for k, v in two.state_dict().items() if not k.startswith("heads.")}
+    for name, _ in one.heads[0].named_parameters():
+        state[f"heads.0.{name}"] = (two.heads[0].get_parameter(name) + two.heads[1].get_parameter(name)) / 2
+    one.load_state_dict(state)
+    emb, mask = torch.randn(4, 3, 12), torch.ones(4, 3, dtype=torch.bool)
+    with torch.no_grad():
+        assert not torch.allclose(one(emb, mask), two(emb, mask), atol=1e-4)
+        # ... while two copies of one head score exactly like that head.
+        one.heads.append(copy.deepcopy(one.heads[0]))
+        single = TeachingAssistant(12, hidden_dim=16, num_heads=4, score_heads=1, dropout=0.0).eval()
+        single.load_state_dict(state)
+        assert torch.allclose(one(emb, mask), single(emb, mask), atol=1e-6)
+
+
+def test_no_synergy_removes_the_attention_only() -> None:
+    """With the attention's output zeroed, synergy on and off are the same network: the ablation
+    keeps the LayerNorm (it used to drop it too, removing two things)."""
+    on, off = _ta(True), _ta(False)
+    off.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        on.attn.out_proj.weight.zero_()
+        on.attn.out_proj.bias.zero_()
+        off.attn.out_proj.weight.zero_()
+        off.attn.out_proj.bias.zero_()
+        on.norm.weight.mul_(3.0)  # a LayerNorm that is not the identity
+        off.norm.weight.mul_(3.0)
+    emb, mask = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.bool)
+    assert torch.allclose(on(emb, mask), off(emb, mask), atol=1e-6)
+    with torch.no_grad():
+        off.norm.weight.mul_(2.0)
+    assert not torch.allclose(on(emb, mask), off(emb, mask), atol=1e-4)  # the norm acts without synergy
+
+
+def test_dropout_draws_from_the_given_generator_only() -> None:
+    torch.manual_seed(0)
+    ta = TeachingAssistant(12, hidden_dim=16, num_heads=4, dropout=0.5).train()
+    emb, mask = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.bool)
+    state = torch.get_rng_state()
+    a = ta(emb, mask, torch.Generator().manual_seed(1))
+    b = ta(emb, mask, torch.Generator().manual_seed(1))
+    c = ta(emb, mask, torch.Generator().manual_seed(2))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG did not move
+    assert torch.equal(a, b) and not torch.allclose(a, c)

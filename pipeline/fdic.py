@@ -1,0 +1,222 @@
+"""Feedback-Driven Inertia Calibration (FDIC): the Teaching Assistant's training state and rules.
+
+The distill stage runs the loop; this module holds what FDIC keeps between micro-batches and
+how it changes, so each rule is testable without a training loop:
+
+- ``Fdic``: the TA, its optimiser, its own RNG, the frozen path embeddings, the inertia
+  table ``L̄`` (one entry per rationale) and the clock of each rationale's last visit;
+- ``inertia_update``: the smoothing rule for ``L̄`` (below);
+- ``update_ema``: that rule applied to one micro-batch, gathered over processes;
+- ``Fdic.warmup_step`` / ``Fdic.joint_micro``: the two phases' TA updates. Warm-up: the TA
+  steps every micro-batch with ``lr`` while the student is frozen. Joint: the TA's meta loss is
+  accumulated over ``accum_steps`` student micro-batches, then it steps with ``joint_lr``.
+  Which micro-batches step is a function of the micro-batch index, so a resumed run steps
+  the TA where an uninterrupted one does; the pending gradients travel in the checkpoint
+  (``pending_grads``).
+
+Inertia, the choice made here. ``L̄`` forgets per *student optimizer step*, not per visit:
+
+    r = μ ** max(1, t - t_last)        L̄ <- r·L̄ + (1 - r)·L
+
+where ``t`` counts the student's optimizer steps (0 during the warm-up) and ``t_last`` is the
+clock of the rationale's previous visit. Why: a rationale is revisited once per epoch, only
+2-4 times in a run, so a per-visit ``μ = 0.9`` left 73-81% of ``L̄`` on the first visit, made
+while the student was still frozen, and the TA ranked paths by the untrained student's losses.
+Counted in steps, the memory is about ``1/(1-μ)`` steps (half-life ``ln 2 / -ln μ``) whatever
+the epoch length, so ``μ`` is set against the run's ``max_steps``. ``μ = 0`` gives ``L̄ = L``
+at every visit: the instantaneous-loss ablation. A visit counts as at least one step so that
+``μ = 0`` stays exact when a rationale seen in the warm-up (student frozen, ``t = 0``) comes
+back in the first joint step.
+
+RNG: the TA's initialisation and its dropout draw from their own seeded generators, never
+from torch's global RNG, so ``mind`` and the baselines draw identical student RNG (LoRA
+dropout masks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.ta import TeachingAssistant
+
+# The TA's dropout generator is seeded away from its initialisation seed.
+_DROPOUT_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class FdicConfig:
+    hidden_dim: int
+    num_heads: int
+    synergy: bool
+    score_heads: int
+    dropout: float
+    lr: float  # warm-up
+    joint_lr: float  # joint phase (much smaller than lr)
+    accum_steps: int  # joint phase: a TA step every this many student micro-batches
+    mu: float  # inertia per student optimizer step (0: instantaneous loss)
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim % self.num_heads or self.score_heads < 1:
+            raise ValueError(f"FDIC: hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads}, "
+                             f"score_heads {self.score_heads} >= 1")
+        if not (self.lr > 0 and self.joint_lr > 0 and self.accum_steps >= 1 and 0.0 <= self.mu < 1.0):
+            raise ValueError("FDIC: learning rates must be positive, accum_steps >= 1, mu in [0, 1)")
+
+
+def half_life_steps(mu: float) -> float:
+    """Student optimizer steps after which a loss keeps half its weight in ``L̄`` (0 for μ = 0)."""
+    return 0.0 if mu == 0.0 else math.log(0.5) / math.log(mu)
+
+
+@contextmanager
+def rng_fork(device: torch.device) -> Iterator[None]:
+    """Run a block without moving torch's global RNG (CPU, and ``device`` when it is CUDA)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@torch.no_grad()
+def inertia_update(ema: Tensor, seen_at: Tensor, ids: Tensor, losses: Tensor, clock: int, mu: float) -> None:
+    """``L̄ <- r·L̄ + (1-r)·L`` with ``r = μ^max(1, clock - seen_at)`` for rationales ``ids``, in place.
+
+    A first visit (``seen_at < 0``) sets ``L̄ = L``. ``ids`` must be unique: two values for one
+    rationale in one update would race.
+    """
+    if ids.numel() != torch.unique(ids).numel():
+        raise ValueError("inertia_update: a rationale appears twice in one update")
+    old, last = ema[ids], seen_at[ids]
+    steps = (clock - last).clamp_min(1).to(old.dtype)
+    keep = torch.where(last < 0, torch.zeros_like(old), torch.pow(torch.full_like(old, mu), steps))
+    ema[ids] = keep * torch.nan_to_num(old) + (1.0 - keep) * losses.to(old.dtype)
+    seen_at[ids] = clock
+
+
+@dataclass
+class Fdic:
+    """MIND's Teaching Assistant state. Every process holds a full, identical copy (the TA is not
+    wrapped by accelerate), except the pending joint-phase gradients, which are per process
+    until a TA step averages them."""
+
+    cfg: FdicConfig
+    ta: TeachingAssistant
+    opt: torch.optim.Optimizer
+    rng: torch.Generator  # the TA's dropout masks
+    emb: Tensor  # [paths, 2·d] frozen encoder embeddings
+    ema: Tensor  # [paths] L̄, NaN until the first visit
+    seen_at: Tensor  # [paths] student step of the last visit, -1 until the first
+
+    def scores(self, path_ids: Tensor, mask: Tensor, train: bool) -> Tensor:
+        """``[Q, K]`` scores of the paths ``path_ids`` (padding: any id, masked out)."""
+        self.ta.train(train)
+        dev = self.emb.device
+        return self.ta(self.emb[path_ids.clamp_min(0).to(dev)], mask.to(dev), self.rng)
+
+    def smoothed(self, path_ids: Tensor, mask: Tensor) -> Tensor:
+        """``[Q, K]`` grid of ``L̄`` (padding slots 0)."""
+        dev = self.ema.device
+        m = mask.to(dev)
+        grid = torch.zeros(m.shape, device=dev)
+        grid[m] = self.ema[path_ids.to(dev)[m]]
+        return grid
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def step(self, average: Callable[[Tensor], Tensor] | None) -> None:
+        """Average the TA's gradients over processes (``average``; None for one process), step, clear."""
+        if average is not None:
+            for p in self.ta.parameters():
+                if p.grad is not None:
+                    p.grad = average(p.grad)
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def warmup_step(self, meta: Tensor, average: Callable[[Tensor], Tensor] | None) -> None:
+        """Warm-up: one TA step per micro-batch (at ``lr``)."""
+        meta.backward()
+        self.step(average)
+
+    def start_joint(self) -> None:
+        """From the warm-up's ``lr`` to the joint phase's ``joint_lr``."""
+        self.set_lr(self.cfg.joint_lr)
+
+    def joint_micro(self, meta: Tensor, micro: int, average: Callable[[Tensor], Tensor] | None) -> bool:
+        """Accumulate joint-phase micro-batch ``micro`` (0-based, counted from the first joint
+        micro-batch); step after every ``accum_steps``-th. Returns whether the TA stepped."""
+        (meta / self.cfg.accum_steps).backward()
+        if (micro + 1) % self.cfg.accum_steps:
+            return False
+        self.step(average)
+        return True
+
+    def pending_grads(self) -> list[Tensor | None]:
+        """Accumulated, not yet applied TA gradients (this process's), for a checkpoint."""
+        return [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.ta.parameters()]
+
+    def load_pending_grads(self, grads: list[Tensor | None]) -> None:
+        params = list(self.ta.parameters())
+        if len(grads) != len(params):
+            raise ValueError(f"{len(grads)} pending TA gradients for {len(params)} parameters")
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state every process shares: TA, optimiser, RNG and the inertia table."""
+        return {"ta": self.ta.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.get_state(),
+                "ema": self.ema.cpu(), "seen_at": self.seen_at.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ta.load_state_dict(state["ta"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.set_state(state["rng"])
+        self.ema.copy_(state["ema"].to(self.ema.device))
+        self.seen_at.copy_(state["seen_at"].to(self.seen_at.device))
+
+
+def build_fdic(emb: Tensor, cfg: FdicConfig, device: torch.device) -> Fdic:
+    """A fresh TA (initialised from ``cfg.seed`` without touching the global RNG) over the path
+    embeddings ``emb [paths, 2·d]``, its AdamW at the warm-up ``lr`` and an empty ``L̄``."""
+    with torch.random.fork_rng(devices=[]):  # built on CPU, then moved
+        # The CPU generator only: torch.manual_seed would also reseed CUDA, the student's RNG on a GPU.
+        torch.default_generator.manual_seed(cfg.seed)
+        ta = TeachingAssistant(emb.shape[1], cfg.hidden_dim, cfg.num_heads, cfg.synergy, cfg.score_heads,
+                               cfg.dropout)
+    ta = ta.to(device)
+    rng = torch.Generator().manual_seed(cfg.seed + _DROPOUT_SEED_OFFSET)
+    n = emb.shape[0]
+    return Fdic(cfg, ta, torch.optim.AdamW(ta.parameters(), lr=cfg.lr), rng, emb.to(device),
+                torch.full((n,), float("nan"), device=device), torch.full((n,), -1, dtype=torch.long, device=device))
+
+
+def update_ema(fdic: Fdic, path_ids: Tensor, mask: Tensor, losses: Tensor, clock: int, slots: int,
+               gather: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``inertia_update`` to every rationale any process saw in this micro-batch.
+
+    ``path_ids``/``mask``/``losses`` are this process's ``[Q, K]`` grids; ``slots`` (>= its
+    real paths) pads them to one size so ``gather`` (accelerate's, or the identity for one
+    process) can concatenate all processes' values, keeping every copy of ``L̄`` identical.
+    Returns this process's ``[Q, K]`` grid of the updated ``L̄``.
+    """
+    dev = fdic.ema.device
+    m = mask.to(dev)
+    local = path_ids.to(dev)[m]
+    if len(local) > slots:
+        raise ValueError(f"update_ema: {len(local)} paths for {slots} slots")
+    ids = torch.full((slots,), -1, dtype=torch.long, device=dev)
+    vals = torch.zeros(slots, device=dev)
+    ids[: len(local)] = local
+    vals[: len(local)] = losses.detach().float().to(dev)[m]
+    ids, vals = gather(ids), gather(vals)
+    seen = ids >= 0
+    inertia_update(fdic.ema, fdic.seen_at, ids[seen], vals[seen], clock, fdic.cfg.mu)
+    return fdic.smoothed(path_ids, mask)
