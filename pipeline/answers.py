@@ -41,10 +41,12 @@ LETTERS = "ABCDEFGHIJ"  # the same letters as pipeline.questions.format_question
 
 # ---------------------------------------------------------------- the answer sentence
 
-# "The answer is", "the final answer is:", "Final Answer:", "Answer:", "answer =", "####".
+# "The answer is", "the final answer is:", "the answer to the problem is", "Final Answer:", "Answer:",
+# "answer =", "####".
 # The last match in a text is the model's final answer sentence.
 ANSWER_ANCHOR_RE = re.compile(
-    r"(?:\b(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\b|:|=)\s*:?|####)[ \t]*",
+    r"(?:\b(?:the\s+)?(?:final\s+|correct\s+)?answer(?:\s+to\s+(?:the|this)\s+(?:problem|question))?"
+    r"\s*(?:is\b|:|=)\s*:?|####)[ \t]*",
     re.IGNORECASE,
 )
 # The end of a sentence: a period not followed by a digit (so "1,250.00." ends after the
@@ -150,6 +152,8 @@ def _number_in_sentence(sentence: str) -> Fraction | str | None:
     """The answer of an answer sentence: the first number after the last "=" ("The answer is
     5 + 3 = 8."), else its first number; spelled-out numbers ("The answer is seven.") as a
     fallback. ``PLACEHOLDER`` when the answer is a literal "X"; None when nothing is found."""
+    # A parenthetical working ("The answer is 8 (= 5 + 3).") is not the answer's "=".
+    sentence = re.sub(r"\([^()]*=[^()]*\)", "", sentence)
     tail = sentence.rsplit("=", 1)[1] if "=" in sentence else sentence
     if _PLACEHOLDER_RE.match(tail):
         return PLACEHOLDER
@@ -248,7 +252,9 @@ def extract_choice(text: str, choices: Sequence[str] = ()) -> str | None:
             return letter
     lead = _LEADING_LETTER_RE.match(text)
     if lead and lead[1] in allowed and (len(text.split()) <= 1 or text.lstrip()[:1] == "(" or lead[1] != "A"):
-        return lead[1]
+        # "(A) bank is wrong ... I choose library": a later choice overrides the opening letter.
+        later = _letter_in(text[lead.end():], allowed, choices, last=True)
+        return later if later is not None and later != lead[1] else lead[1]
     return _letter_in(text, allowed, choices, last=True)
 
 
@@ -292,6 +298,7 @@ def _boxed_contents(text: str) -> list[str]:
     return out
 
 
+_PLAIN_MATH_RE = re.compile(r"[^\s,;]+(?:\s*[-+*/^=]\s*[^\s,;]+)*")
 _INLINE_MATH_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
 
 
@@ -302,8 +309,9 @@ def _math_in_sentence(sentence: str) -> str | None:
     found = [next(g for g in m.groups() if g is not None) for m in _INLINE_MATH_RE.finditer(sentence)]
     if found:
         return found[0].strip()
-    plain = sentence.strip().rstrip(".").strip()
-    return plain or None
+    # Plain text: the leading expression only ("3.5 because 7/2" -> "3.5", "x + 1" stays whole).
+    plain = _PLAIN_MATH_RE.match(sentence.strip())
+    return plain[0].rstrip(".").strip() or None if plain else None
 
 
 def _math_verify_timeout() -> int | None:
@@ -393,7 +401,11 @@ _CLAUSE_END_RE = re.compile(r"\.(?!\d)|[!?\n,;]")
 # What may stand between a clause start and an answer anchor for the anchor to open an answer
 # *statement* ("So the answer is 8.", "**Final Answer:** 8"). Anything else makes it a mention
 # inside reasoning ("Let's see what the correct answer is: Tom has 5 ...") that stays.
-_STATEMENT_LEAD_RE = re.compile(r"[\s*_#>\-]*(?:(?:so|thus|therefore|hence|then|and)\b[\s,]*)?", re.IGNORECASE)
+_STATEMENT_LEAD_RE = re.compile(r"[\s*_#>\-\"'\u201c]*(?:(?:so|thus|therefore|hence|then|and)\b[\s,]*)?", re.IGNORECASE)
+# Markup and quotes that close an answer statement ("**The answer is 14.**", '"The answer is 6."').
+_TRAILING_MARKUP_RE = re.compile(r"[*_\"'\u201d]*")
+# A display-math block right after an anchor ("the answer is:\n\\[\n\\boxed{14}\n\\]").
+_DISPLAY_MATH_RE = re.compile(r"\\\[.*?\\\]\.?|\$\$.*?\$\$\.?", re.DOTALL)
 # Text after the final answer statement counts as reasoning (and stays) when it computes or
 # explains: a digit, an "=", or at least this many words. Shorter chatter ("I hope this
 # helps!") is dropped.
@@ -418,10 +430,13 @@ class Canonical(NamedTuple):
     tail_dropped: bool
 
 
-def _answer_statements(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every answer statement: an answer anchor that opens its clause (after at
-    most a connective such as "so" or "Therefore,"), through the end of its sentence."""
-    spans: list[tuple[int, int]] = []
+def _answer_statements(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kept) of every answer statement: an answer anchor that opens its clause (after
+    at most a connective such as "so" or "Therefore," and markup or a quote), through the end of
+    its sentence, a display-math block right after the anchor included. ``kept`` is the
+    statement's computation, when it has one ("The answer is 4 + 9 = 13." keeps "4 + 9 = 13."):
+    that is reasoning, not a restated answer."""
+    spans: list[tuple[int, int, str]] = []
     for m in ANSWER_ANCHOR_RE.finditer(text):
         if spans and m.start() < spans[-1][1]:
             continue
@@ -430,8 +445,12 @@ def _answer_statements(text: str) -> list[tuple[int, int]]:
         if not _STATEMENT_LEAD_RE.fullmatch(text, clause, m.start()):
             continue
         body = m.end() + len(text[m.end():]) - len(text[m.end():].lstrip())
-        stop = _SENTENCE_END_RE.search(text, body)
-        spans.append((clause, stop.end() if stop else len(text)))
+        display = _DISPLAY_MATH_RE.match(text, body)
+        stop = display.end() if display else (lambda e: e.end() if e else len(text))(_SENTENCE_END_RE.search(text, body))
+        content = text[body:stop]
+        end = _TRAILING_MARKUP_RE.match(text, stop).end()
+        kept = content.strip().rstrip(".") + "." if "=" in content and not display else ""
+        spans.append((clause, end, kept))
     return spans
 
 
@@ -463,8 +482,12 @@ def canonical_rationale(text: str, gold: str, answer_type: AnswerType) -> Canoni
         body = _clean_piece(text)
         return Canonical(body + " " + suffix if body else suffix, len(body) + 1 if body else 0,
                          "no_answer_sentence", False)
-    bounds = [0, *(x for span in spans for x in span), len(text)]
+    bounds = [0, *(x for start, end, _ in spans for x in (start, end)), len(text)]
     pieces = [text[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]  # len(spans) + 1 pieces
+    for i, (_, _, kept) in enumerate(spans):  # a statement's computation stays where it stood
+        if kept:
+            lead = pieces[i][: len(pieces[i]) - len(pieces[i].lstrip())]
+            pieces[i] = (lead + _clean_piece(pieces[i]) + " " + kept).rstrip()
     tail_dropped = bool(pieces[-1].strip()) and not _is_reasoning(pieces[-1])
     if tail_dropped:
         pieces[-1] = ""

@@ -39,7 +39,7 @@ What happens, in order:
    perspectives a question keeps.
 6. **Questions.** A question needs K >= ``min_perspectives`` (else ``few_perspectives``).
    Easy questions (pass rate >= ``easy_threshold``) are down-sampled to
-   round(``easy_keep_fraction`` x their number) by a seeded choice (``easy_downsampled``);
+   ``easy_keep_fraction`` x their number, rounded half up, by a seeded choice (``easy_downsampled``);
    hard ones all stay. Then at most ``max_questions`` remain, a seeded uniform choice
    (``over_cap``). Fewer than ``min_questions`` left is an error that gives the counts.
 
@@ -52,6 +52,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -419,7 +420,9 @@ def select_questions(
     dropped.update({q: "few_perspectives" for q in k if k[q] < min_perspectives})
     easy = [q for q in eligible if pass_rate[q] >= easy_threshold]
     hard = [q for q in eligible if pass_rate[q] < easy_threshold]
-    keep_easy = set(random.Random(f"{seed}:easy").sample(easy, round(easy_keep_fraction * len(easy))))
+    # Half up, not Python's round-half-to-even: one easy question at fraction 0.5 keeps 1, not 0.
+    n_easy = math.floor(easy_keep_fraction * len(easy) + 0.5)
+    keep_easy = set(random.Random(f"{seed}:easy").sample(easy, n_easy))
     dropped.update({q: "easy_downsampled" for q in easy if q not in keep_easy})
     kept = sorted(hard + sorted(keep_easy))
     if len(kept) > max_questions:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -129,8 +131,17 @@ def test_extract_math(text: str, expected: str | None) -> None:
     assert extract_math(text) == expected
 
 
-def test_table_is_large_enough() -> None:
-    assert len(NUMBER_CASES) + len(CHOICE_CASES) + len(YESNO_CASES) + len(MATH_CASES) >= 60
+def test_answers_that_older_rules_got_wrong() -> None:
+    # a parenthetical working is not the answer's "="
+    assert extract_number("The answer is 8 (= 5 + 3).") == "8"
+    assert extract_number("The answer is 5 + 3 = 8.") == "8"
+    # an opening option letter, then another option chosen by its text
+    assert extract_choice("(A) bank is wrong, books are not kept there. I choose library.",
+                          ["bank", "park", "library"]) == "C"
+    assert extract_choice("(C) library", ["bank", "park", "library"]) == "C"
+    # the math fallback is the leading expression, not the whole line
+    assert extract_math("The answer is 3.5 because 7/2") == "3.5"
+    assert extract_math("The answer is x + 1") == "x + 1"
 
 
 def test_choice_letters_limited_to_the_rows_options() -> None:
@@ -325,3 +336,30 @@ def test_repeated_ngram_share() -> None:
 def test_normalise_text() -> None:
     assert normalise_text("Anna has 5  apples!\nSo: 5.") == normalise_text("anna has 5 apples so 5")
     assert normalise_text("Anna has 5 apples") != normalise_text("Anna has 6 apples")
+
+
+# ---------------------------------------------------------------- real teacher outputs
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "qwen_rationales.json").read_text())["rationales"]
+# "6 + 8 = 14", "3 * 6 = 18", "12 - 2 = 10": the computations that make a rationale worth distilling.
+EQUATION_RE = re.compile(r"\d+(?:\s*[-+*×x/]\s*\d+)+\s*=\s*\d+")
+
+
+def test_fixture_covers_every_answer_position() -> None:
+    positions = {r["teacher_answer_position"] for r in FIXTURE}
+    assert positions == {"answer_first", "answer_in_middle", "answer_last", "no_answer_sentence"}
+    assert len(FIXTURE) >= 30
+
+
+@pytest.mark.parametrize("row", FIXTURE, ids=[f"{i}-{r['teacher_answer_position']}" for i, r in enumerate(FIXTURE)])
+def test_real_teacher_rationales_keep_their_reasoning(row: dict) -> None:
+    c = canonical_rationale(row["text"], row["gold"], "number")
+    body = c.text[: c.offset]
+    assert c.text[c.offset:] == answer_suffix(row["gold"], "number")
+    assert c.rewrite == row["teacher_answer_position"]  # read by hand for each text
+    assert len(body.split()) >= 12, f"reasoning lost: {body!r}"
+    assert not re.match(r"[\s*\"']*the answer is", body, re.IGNORECASE), "an answer statement still opens the text"
+    # every computation of the teacher's text survives the rewrite
+    for eq in EQUATION_RE.findall(row["text"]):
+        assert eq in c.text, f"{eq!r} was dropped"
+    assert extract_number(c.text) == format_number(parse_number(row["gold"]))

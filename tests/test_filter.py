@@ -31,8 +31,8 @@ QUESTIONS = {  # id -> (question, gold)
     "q8": ("Grace has 2 stamps. Then Grace finds 2 more stamps. How many stamps does Grace have now?", "4"),
 }
 
-LONG = "Carla has 7 coins. " * 10 + "She finds 3 more, 7 + 3 = 10. The answer is 10."
-LOOP = "I add 3 and 4 again. " * 12 + "The answer is 7."
+LONG = "Carla has 7 coins. " * 14 + "She finds 3 more, 7 + 3 = 10. The answer is 10."
+LOOP = "I add 3 and 4. " * 6 + "The answer is 7."  # under max_tokens=60 in the real tokenizer, all repetition
 
 # (id, question, teacher, perspective, sample_index, text, finish_reason, num_tokens); the
 # comment says what the filter must do with the row.
@@ -319,6 +319,14 @@ def test_select_easy_hard_split() -> None:
     none, _ = F.select_questions(ks, rates, min_perspectives=2, easy_threshold=0.8,
                                  easy_keep_fraction=0.0, max_questions=100, seed=0)
     assert sorted(none) == [f"h{i:02d}" for i in range(5)]
+    # half up: one easy question at fraction 0.5 keeps it (round() would give 0, and 2.5 -> 2)
+    one, _ = F.select_questions({"e": 2}, {"e": 1.0}, min_perspectives=2, easy_threshold=0.8,
+                                easy_keep_fraction=0.5, max_questions=100, seed=0)
+    assert one == ["e"]
+    ks5, rates5 = _questions(n_easy=5, n_hard=0)
+    five, _ = F.select_questions(ks5, rates5, min_perspectives=2, easy_threshold=0.8, easy_keep_fraction=0.5,
+                                 max_questions=100, seed=0)
+    assert len(five) == 3
 
 
 def test_select_cap_and_determinism() -> None:
@@ -336,7 +344,7 @@ def test_select_cap_and_determinism() -> None:
 
 
 def _row(q: str, p: str, teacher: str, s: int, n: int, drop: str | None = None) -> dict[str, Any]:
-    return {"question_id": q, "perspective": p, "teacher": teacher, "sample_index": s, "num_tokens": n, "drop": drop}
+    return {"question_id": q, "perspective": p, "teacher": teacher, "sample_index": s, "train_tokens": n, "drop": drop}
 
 
 def test_one_rationale_per_perspective() -> None:
@@ -405,7 +413,22 @@ def test_llm_judge_on_the_embedded_model(tmp_path: Path, inputs: tuple[Path, Pat
         ("What is 5 + 3?", "8", "I do not know."),
         ("What is 5 + 3?", "8", long),  # shown by its end, so the prompt fits
     ])
-    assert len(verdicts) == 3 and all(v in ("yes", "no", None) for v in verdicts)
+    # The verdicts are the judge's own greedy replies to exactly these prompts, read with extract_yesno;
+    # the too-long response was cut from its start, so its prompt fits and still shows its answer.
+    from vllm import SamplingParams
+
+    from pipeline.answers import extract_yesno
+    from pipeline.engine import chat_prompts, complete
+
+    tok = embedded_llm.get_tokenizer()
+    budget = embedded_llm.model_config.max_model_len - 4
+    messages = [F._fit_response(tok, q, g, r, budget) for q, g, r in [
+        ("What is 2 + 2?", "4", "2 + 2 makes four."), ("What is 5 + 3?", "8", "I do not know."), ("What is 5 + 3?", "8", long)]]
+    assert "So the answer is 8." in messages[2] and messages[2].count("count the apples") < 400
+    prompts = chat_prompts(tok, messages)
+    assert all(len(tok.encode(p, add_special_tokens=False)) <= budget for p in prompts)
+    raw = complete(embedded_llm, prompts, SamplingParams(max_tokens=4, temperature=0.0))
+    assert verdicts == [extract_yesno(o[0].text) for o in raw]
 
     cfg = make_cfg(tmp_path, *inputs, judge="llm", max_questions=10)
     stats = F.run(cfg, judge_llm=embedded_llm)
@@ -416,3 +439,40 @@ def test_llm_judge_on_the_embedded_model(tmp_path: Path, inputs: tuple[Path, Pat
     said_yes = judge.get("llm_yes", 0)
     assert stats["rows"]["dropped"]["no_answer"] == 1 - said_yes
     assert stats["accuracy"]["overall"]["correct"] == 17 + said_yes
+
+
+def test_real_teacher_text_is_trained_with_its_reasoning_never_as_a_bare_answer(tmp_path: Path) -> None:
+    """Real Qwen2.5 rationales (tests/fixtures) plus bare answers: every kept row keeps reasoning
+    before the canonical suffix, the bare ones are dropped as too_short, the rewrites are counted."""
+    from transformers import AutoTokenizer
+
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "qwen_rationales.json").read_text())["rationales"]
+    qids = {}
+    for r in fixture:
+        qids.setdefault((r["question"], r["gold"]), f"fq{len(qids)}")
+    questions = [{"id": qid, "task": "embedded", "question": q, "answer": gold, "answer_type": "number",
+                  "choices": [], "source": "embedded"} for (q, gold), qid in qids.items()]
+    rationales = [(qids[(r["question"], r["gold"])], r["perspective"], r["text"]) for r in fixture]
+    bare = [(qid, "Bare", f"The answer is {gold}.") for (_, gold), qid in qids.items()]
+    bare += [(qid, "BareChatter", f"The answer is {gold}. I hope this helps!") for (_, gold), qid in qids.items()]
+    rows = [{"question_id": qid, "teacher": "qwen", "perspective": p, "sample_index": 0, "prompt": "p", "text": text,
+             "finish_reason": "stop", "num_tokens": len(text) // 4, "seed": i}
+            for i, (qid, p, text) in enumerate(rationales + bare)]
+    write_shards(tmp_path / "q", questions, QUESTION_SCHEMA, {"test": True})
+    write_shards(tmp_path / "r", rows, RATIONALE_SCHEMA, {"test": True})
+    cfg = make_cfg(tmp_path, tmp_path / "q", tmp_path / "r", min_tokens=12, max_tokens=512, min_perspectives=1,
+                   easy_keep_fraction=1.0, max_questions=100)
+    stats = F.run(cfg)
+    out = read_rows(cfg.out_dir)
+    tok = AutoTokenizer.from_pretrained(STUDENT_DIR)
+    assert out and not [r for r in out if r["perspective"].startswith("Bare")]
+    for r in out:
+        body = r["text"][: r["answer_offset"]]
+        assert len(tok(body, add_special_tokens=False)["input_ids"]) >= 12, body
+        assert r["text"][r["answer_offset"]:] == f"The answer is {r['answer']}."
+        assert r["train_tokens"] == len(tok(r["text"], add_special_tokens=False)["input_ids"])
+    assert stats["rows"]["dropped"]["too_short"] >= len(bare)
+    kept = stats["rewrites"]["kept"]
+    assert kept["answer_first"] >= 1 and kept["answer_in_middle"] >= 1 and kept["answer_last"] >= 1
+    assert sum(kept[k] for k in ("answer_first", "answer_in_middle", "answer_last", "no_answer_sentence")) == len(out)
+    assert stats["rewrites"]["correct"]["tail_dropped"] >= len(qids)  # "I hope this helps!" went
