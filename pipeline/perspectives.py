@@ -98,13 +98,20 @@ STUDENT_PROMPT = "{question}\n\nLet's think step by step. {answer_instruction}"
 
 
 def teacher_instruction(answer_type: str) -> str:
-    """The teacher's closing instruction: reason first, then the answer sentence.
+    """The teacher's closing instruction: brief plain-text reasoning first, then the answer sentence.
 
-    Asked only to "end with" the answer sentence, Qwen2.5-Coder-0.5B-Instruct answered half of the
-    Decomposition, Planning, Analogy, Socratic and Counterfactual prompts with the bare sentence
-    (12 embedded questions x 8 perspectives, T 0.7: 15 of 96 rationales usable). Asking for the
-    reasoning first made all 96 reason, and 61 usable (correct, >= 12 tokens of reasoning)."""
-    return "Write out your reasoning step by step first. Then e" + answer_instruction(answer_type)[1:]
+    Measured with Qwen2.5-Coder-0.5B-Instruct on 12 embedded questions x 8 perspectives (T 0.7,
+    float32), counting the rationales that are correct and have >= 12 tokens of reasoning:
+    - asked only to "end with" the answer sentence: 15 of 96 usable (half of the Decomposition,
+      Planning, Analogy, Socratic and Counterfactual answers were the bare sentence);
+    - asked to reason step by step first: 61 usable, 124 tokens each (markdown lists and LaTeX,
+      which the 135M student imitated into loops: 14% on the embedded eval after 24 steps);
+    - asked for two to four plain sentences (this): 63 usable, 51 tokens each.
+    """
+    if answer_type not in ANSWER_FORMS:
+        raise ValueError(f"unknown answer_type {answer_type!r}; expected one of {sorted(ANSWER_FORMS)}")
+    return ("Keep it short: reason in two to four plain sentences, with no LaTeX, then end your response with "
+            f'the sentence "The answer is X." where X is {ANSWER_FORMS[answer_type]}.')
 
 
 def build_prompt(perspective: Perspective, question: str, answer_type: str) -> str:

@@ -51,6 +51,7 @@ def test_repro_cold_then_cached_then_param_change(tmp_path: Path, shared_data: P
     cold = _dvc(repo, "repro", "models", "prepare")
     assert "Running stage 'models'" in cold.stdout and "Running stage 'prepare'" in cold.stdout
     assert (repo / "data/models/smollm2-135m-instruct/model.safetensors").exists()
+    assert (repo / "data/models/qwen2.5-coder-0.5b-instruct/model.safetensors").exists()
     assert (repo / "data/prepared/train/manifest.json").exists()
 
     start = time.monotonic()
@@ -75,8 +76,8 @@ def test_whole_pipeline_on_the_smoke_override(tmp_path: Path, shared_data: Path)
     bindir = Path(sys.executable).parent
     subprocess.run([f"{bindir}/mind", "params", "configs/smoke.yaml"], cwd=repo, check=True, capture_output=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert params["generate"]["n"] == 2 and params["filter"]["min_questions"] == 1  # the override took
-    assert params["distill"]["lr"] == 0.0003  # ... and kept what it does not name
+    assert params["generate"]["num_questions"] == 4 and params["filter"]["min_questions"] == 1  # the override took
+    assert params["distill"]["lr"] == 0.001  # ... and kept what it does not name
     params["prepare"]["shared_dir"] = str(shared_data)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -99,7 +100,7 @@ def test_whole_pipeline_on_the_smoke_override(tmp_path: Path, shared_data: Path)
     assert (repo / "reports/summary.md").read_text().count("|") > 10
     assert (repo / "reports/accuracy.png").stat().st_size > 0 and (repo / "data/analysis/tsne.png").stat().st_size > 0
     rows = yaml.safe_load((repo / "data/rationales/manifest.json").read_text())["num_rows"]
-    assert rows == 8 * 8 * 2
+    assert rows == 4 * 8 * 1
 
     shown = _dvc(repo, "metrics", "show", "--json")
     base = json.loads(shown.stdout)[""]["data"]["metrics/eval/base.json"]["data"]

@@ -150,7 +150,8 @@ def test_embedded_teacher_is_assembled_verified_and_answers(teacher_model_dir: P
     tok = AutoTokenizer.from_pretrained(teacher_model_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_model_dir, dtype=torch.float32)
     assert model.config.model_type == "qwen2"
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(494_032_768, rel=0.02)
+    # 494M as published, plus a 136M output projection: the GGUF stores it apart from the embeddings
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(630_167_424, rel=0.01)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 17 + 25? Reply with the number only."}],
                                      tokenize=False, add_generation_prompt=True)
     enc = tok(prompt, return_tensors="pt")

@@ -55,7 +55,7 @@ def test_prompt_for_every_perspective_through_chat_template(perspective, tokeniz
     user = build_prompt(perspective, format_question(QUESTION), "number")
     assert QUESTION["question"] in user
     assert user.endswith(teacher_instruction("number"))
-    assert teacher_instruction("number").startswith("Write out your reasoning step by step first. Then end your response")
+    assert teacher_instruction("number").startswith("Keep it short: reason in two to four plain sentences")
     assert '"The answer is X."' in user and "the final number" in user
     [prompt] = chat_prompts(tokenizer, [user])
     assert prompt == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
