@@ -34,6 +34,12 @@ from stages.cli import field
 log = logging.getLogger("mind.report")
 
 GROUP_LABEL = {"id": "ID", "ood": "OOD"}
+# What each of distill's ablations removes from `mind` (stages/distill.py ABLATIONS; a test keeps the
+# two in step). A model with one of these names gets a row in the ablation table and is also paired
+# with `mind`.
+ABLATION_BASE = "mind"
+ABLATION_LABELS = {"mind-no-synergy": "no synergy layer", "mind-ema0": "instantaneous loss (μ = 0)",
+                   "mind-beta0": "no threshold (β = 0)"}
 
 
 @dataclass
@@ -196,7 +202,8 @@ def paired_comparisons(all_metrics: dict[str, dict[str, Any]], cfg: ReportConfig
 
     out: dict[str, dict[str, Any]] = {}
     for model, m in all_metrics.items():
-        for ref in refs:
+        ablated = [ABLATION_BASE] if model in ABLATION_LABELS and ABLATION_BASE in all_metrics else []
+        for ref in refs + [r for r in ablated if r not in refs]:
             if ref == model:
                 continue
             for g, name in dataset_columns({model: m}):
@@ -205,6 +212,29 @@ def paired_comparisons(all_metrics: dict[str, dict[str, Any]], cfg: ReportConfig
                 out.setdefault(model, {}).setdefault(f"vs_{ref}", {})[name] = paired_comparison(
                     outcomes(model, name), outcomes(ref, name), cfg.seed, cfg.bootstrap_resamples)
     return out
+
+
+def ablation_markdown(all_metrics: dict[str, dict[str, Any]]) -> str:
+    """The paper's ablation table: `mind` and each of its ablations, ID/OOD averages and Δ against `mind`."""
+    rows = [m for m in all_metrics if m in ABLATION_LABELS]
+    if not rows or ABLATION_BASE not in all_metrics:
+        return ""
+    base = all_metrics[ABLATION_BASE]["avg"]
+    lines = [f"## Ablations (against `{ABLATION_BASE}`)", "",
+             "| model | removes | ID avg | Δ ID | OOD avg | Δ OOD |", "|---|---|---|---|---|---|",
+             f"| `{ABLATION_BASE}` | – | " + " | ".join(
+                 f"{pct(base[g])} | –" if g in base else "– | –" for g in GROUPS) + " |"]
+    for model in rows:
+        avg = all_metrics[model]["avg"]
+        cells = []
+        for g in GROUPS:
+            if g not in avg:
+                cells += ["–", "–"]
+            else:
+                cells += [pct(avg[g]), signed_points(avg[g] - base[g]) if g in base else "–"]
+        lines.append(f"| `{model}` | {ABLATION_LABELS[model]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
 
 
 def paired_markdown(paired: dict[str, dict[str, Any]], resamples: int, seed: int) -> str:
@@ -274,6 +304,9 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     all_metrics = load_all(cfg)
     paired = paired_comparisons(all_metrics, cfg)
     text = summary_markdown(all_metrics, cfg.base)
+    ablations = ablation_markdown(all_metrics)
+    if ablations:
+        text += "\n" + ablations
     if paired:
         text += "\n" + paired_markdown(paired, cfg.bootstrap_resamples, cfg.seed)
     atomic_write_json(cfg.paired_metrics, paired)

@@ -306,3 +306,29 @@ def test_report_pairs_every_model_with_base_and_uniform(tmp_path: Path) -> None:
     shutil.rmtree(root / "single" / "gsm8k")
     with pytest.raises(FileNotFoundError, match=r"single/gsm8k: no prediction shards.*mind evaluate --model single"):
         run(cfg)
+
+
+def test_ablations_get_their_table_and_are_paired_with_mind(tmp_path: Path) -> None:
+    from stages.distill import ABLATIONS
+    from stages.report import ABLATION_LABELS
+
+    assert set(ABLATION_LABELS) == set(ABLATIONS)  # the report names every ablation distill can run
+    metrics_dir = build_metrics(tmp_path)
+    root = tmp_path / "eval"
+    # mind-beta0: 5/10 on embedded where mind has 6/10, 3/10 on gsm8k (mind 2/10), csqa 4/10 as mind
+    sets = {"embedded": [True] * 5 + [False] * 5, "gsm8k": [True] * 3 + [False] * 7, "csqa": [True] * 4 + [False] * 6}
+    for name, flags in sets.items():
+        write_predictions(root, pred_rows("mind-beta0", name, flags, answer_type="choice" if name == "csqa" else "number"))
+    atomic_write_json(metrics_dir / "mind-beta0.json",
+                      metrics_from_shards(root, "mind-beta0", {"embedded": "id", "gsm8k": "id", "csqa": "ood"}))
+    cfg = ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "summary.md", plot=tmp_path / "p.png",
+                       eval_dir=root, paired_metrics=tmp_path / "paired.json", bootstrap_resamples=500)
+    run(cfg)
+    md = cfg.summary.read_text()
+    assert "## Ablations (against `mind`)" in md
+    # ID avg: mind (60 + 20) / 2 = 40, mind-beta0 (50 + 30) / 2 = 40 -> +0.0; OOD 40 vs 40
+    assert "| `mind-beta0` | no threshold (β = 0) | 40.0 | +0.0 | 40.0 | +0.0 |" in md
+    paired = json.loads(cfg.paired_metrics.read_text())
+    assert set(paired["mind-beta0"]) == {"vs_base", "vs_mind"}
+    assert paired["mind-beta0"]["vs_mind"]["embedded"]["delta"] == pytest.approx(-0.1)
+    assert "vs_mind" not in paired["single"]  # only ablations are paired with mind
