@@ -204,7 +204,8 @@ def paired_comparisons(all_metrics: dict[str, dict[str, Any]], cfg: ReportConfig
     for model, m in all_metrics.items():
         ablated = [ABLATION_BASE] if model in ABLATION_LABELS and ABLATION_BASE in all_metrics else []
         for ref in refs + [r for r in ablated if r not in refs]:
-            if ref == model:
+            # base vs uniform is the mirror of uniform vs base: each pair of references appears once
+            if ref == model or (model in refs and refs.index(model) < refs.index(ref)):
                 continue
             for g, name in dataset_columns({model: m}):
                 if name not in all_metrics[ref][g]:

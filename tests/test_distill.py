@@ -75,8 +75,11 @@ def test_sequences_mask_the_prompt_and_share_the_answer_suffix(filtered: Path, t
         for p in u.paths:
             r = rows[p.key]
             prompt = tok.decode(p.input_ids[: p.prompt_len])
-            # The plain question through the chat template: no perspective, generation prompt last.
-            assert prompt == tok.apply_chat_template([{"role": "user", "content": r["question"]}],
+            # evaluate's user message (the question, the CoT line, the answer instruction) through the chat
+            # template: no perspective, generation prompt last.
+            user = D.user_message(cfg.prompt, r["question"], r["answer_type"])
+            assert user.startswith(r["question"]) and "Let's think step by step." in user
+            assert prompt == tok.apply_chat_template([{"role": "user", "content": user}],
                                                      add_generation_prompt=True, tokenize=False)
             assert r["perspective"] not in prompt
             assert tok.decode(p.input_ids[p.prompt_len:]) == r["text"] + "<|im_end|>\n"
