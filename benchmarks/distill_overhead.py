@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import losses as L  # noqa: E402
-from pipeline.answers import canonicalise_answer  # noqa: E402
+from pipeline.answers import canonical_rationale  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 from stages import distill as D  # noqa: E402
@@ -50,7 +50,7 @@ def synthetic_filtered(out: Path, n_questions: int, k: int, seed: int = 0) -> Pa
                     f"After that she gives away {c} marbles to a friend, which leaves her with {a + b} - {c} = "
                     f"{gold} marbles. We can check: {gold} + {c} - {b} = {a}, which matches the start. "
                     f"The answer is {gold}.")
-            text, offset = canonicalise_answer(text, gold, "number")
+            text, offset, _, _ = canonical_rationale(text, gold, "number")
             rows.append({"question_id": f"q{q:04d}", "teacher": "t", "perspective": f"p{i}", "sample_index": 0,
                          "prompt": "", "text": text, "finish_reason": "stop", "num_tokens": 0, "seed": 0,
                          "pred_answer": gold, "correct": True, "question_pass_rate": 0.5, "question": question,

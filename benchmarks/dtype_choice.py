@@ -32,6 +32,7 @@ from pipeline.engine import (  # noqa: E402
     resolve_dtype,
     unload_llm,
 )
+from pipeline.models import torch_dtype  # noqa: E402
 from pipeline.shards import read_rows  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def training_tok_s(model: str, dtype: str, steps: int, batch: int, length: int) 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(dtype))
     ids = torch.randint(0, net.config.vocab_size, (batch, length))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
     net(input_ids=ids, labels=ids).loss.backward()  # warm-up, untimed

@@ -444,14 +444,19 @@ def _answer_statements(text: str) -> list[tuple[int, int, str]]:
         clause = ends[-1] if ends else 0
         if not _STATEMENT_LEAD_RE.fullmatch(text, clause, m.start()):
             continue
-        body = m.end() + len(text[m.end():]) - len(text[m.end():].lstrip())
+        body = m.end() + len(_leading_space(text[m.end():]))
         display = _DISPLAY_MATH_RE.match(text, body)
-        stop = display.end() if display else (lambda e: e.end() if e else len(text))(_SENTENCE_END_RE.search(text, body))
+        sentence_end = _SENTENCE_END_RE.search(text, body)
+        stop = display.end() if display else sentence_end.end() if sentence_end else len(text)
         content = text[body:stop]
         end = _TRAILING_MARKUP_RE.match(text, stop).end()
         kept = content.strip().rstrip(".") + "." if "=" in content and not display else ""
         spans.append((clause, end, kept))
     return spans
+
+
+def _leading_space(text: str) -> str:
+    return text[: len(text) - len(text.lstrip())]
 
 
 def _is_reasoning(segment: str) -> bool:
@@ -486,12 +491,12 @@ def canonical_rationale(text: str, gold: str, answer_type: AnswerType) -> Canoni
     pieces = [text[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]  # len(spans) + 1 pieces
     for i, (_, _, kept) in enumerate(spans):  # a statement's computation stays where it stood
         if kept:
-            lead = pieces[i][: len(pieces[i]) - len(pieces[i].lstrip())]
-            pieces[i] = (lead + _clean_piece(pieces[i]) + " " + kept).rstrip()
+            pieces[i] = (_leading_space(pieces[i]) + _clean_piece(pieces[i]) + " " + kept).rstrip()
     tail_dropped = bool(pieces[-1].strip()) and not _is_reasoning(pieces[-1])
     if tail_dropped:
         pieces[-1] = ""
-    has = [bool(_clean_piece(p)) for p in pieces]
+    cleaned = [_clean_piece(p) for p in pieces]
+    has = [bool(c) for c in cleaned]
     rewrite = "answer_last"
     for i in range(len(spans)):
         before, after = any(has[: i + 1]), any(has[i + 1:])
@@ -502,27 +507,19 @@ def canonical_rationale(text: str, gold: str, answer_type: AnswerType) -> Canoni
             rewrite = "answer_in_middle"
     # Join the kept pieces with a line break where the removed statement between them touched one.
     body = ""
-    for i, piece in enumerate(pieces):
-        cleaned = _clean_piece(piece)
-        if not cleaned:
+    for i, (piece, clean) in enumerate(zip(pieces, cleaned)):
+        if not clean:
             continue
         if body:
-            start = spans[i - 1][0]
-            on_new_line = text[:start].endswith("\n") or piece[: len(piece) - len(piece.lstrip())].count("\n") > 0
+            on_new_line = text[: spans[i - 1][0]].endswith("\n") or "\n" in _leading_space(piece)
             body += "\n" if on_new_line else " "
-        body += cleaned
+        body += clean
     if not body:
         return Canonical(suffix, 0, rewrite, tail_dropped)
     # The suffix takes the last statement's place: on its own line if that one stood on its own.
     own_line = not has[-1] and text[: spans[-1][0]].rstrip(" \t").endswith("\n")
     sep = "\n" if own_line else " "
     return Canonical(body + sep + suffix, len(body) + len(sep), rewrite, tail_dropped)
-
-
-def canonicalise_answer(text: str, gold: str, answer_type: AnswerType) -> tuple[str, int]:
-    """``canonical_rationale``'s text and suffix offset (``new_text[offset:] == suffix``)."""
-    c = canonical_rationale(text, gold, answer_type)
-    return c.text, c.offset
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness GSM8K

@@ -135,7 +135,8 @@ def embedded_path(spec: str) -> Path:
     return path
 
 
-def _torch_dtype(dtype: str) -> Any:
+def torch_dtype(dtype: str) -> Any:
+    """The torch dtype named by a config string ("bfloat16", "float16", "float32")."""
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
@@ -149,7 +150,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> None:
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent),
         gguf_file=gguf.name,
-        dtype=_torch_dtype(dtype),
+        dtype=torch_dtype(dtype),
         # Without dequantize=True transformers keeps GGUF blocks, which cannot be saved.
         quantization_config=GgufConfig(dequantize=True),
     )
@@ -164,7 +165,7 @@ def save_hf_model(source: str, out: Path, dtype: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype))
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -201,11 +202,12 @@ def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> d
     shutil.rmtree(tmp, ignore_errors=True)
     source: Path | None = None
     split: dict[str, Any] | None = None
-    if spec.removeprefix("embedded:") in EMBEDDED_SPLIT_LMS and spec.startswith("embedded:"):
-        tmp.mkdir(parents=True)
-        source = tmp / "assembled.gguf"
-        split = assemble_split_gguf(spec.removeprefix("embedded:"), source)
-    elif spec.startswith("embedded:"):
+    embedded = spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+    if embedded in EMBEDDED_SPLIT_LMS:
+        # Assembled beside the output and converted like any .gguf file, then removed.
+        source = out.with_name(f".{out.name}.assembled-{os.getpid()}.gguf")
+        split = assemble_split_gguf(embedded, source)
+    elif embedded is not None:
         source = embedded_path(spec)
     elif Path(spec).exists():
         source = Path(spec)
@@ -215,16 +217,12 @@ def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> d
     log.info("resolving %s %s -> %s", kind, spec, out)
     if kind == "encoder":
         save_encoder(str(source) if source else spec, tmp)
-    elif split is not None and source is not None:
-        # The assembled file lives inside tmp; convert into a sibling, then drop the GGUF.
-        converted = tmp / "hf"
-        convert_gguf(source, converted, dtype)
-        source.unlink()
-        for item in converted.iterdir():
-            os.replace(item, tmp / item.name)
-        converted.rmdir()
     elif source is not None and source.suffix == ".gguf":
-        convert_gguf(source, tmp, dtype)
+        try:
+            convert_gguf(source, tmp, dtype)
+        finally:
+            if split is not None:
+                source.unlink()
     else:
         save_hf_model(str(source) if source else spec, tmp, dtype)
 

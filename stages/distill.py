@@ -70,6 +70,7 @@ from pipeline import losses as L
 from pipeline.config import ConfigError, check, from_dict, to_dict
 from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
+from pipeline.models import torch_dtype
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
 from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows, sha256_file
 from pipeline.ta import embed_paths
@@ -437,7 +438,7 @@ def load_student(cfg: DistillConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, resolve_dtype(cfg.dtype)))
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch_dtype(resolve_dtype(cfg.dtype)))
     model.config.use_cache = False
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
@@ -880,7 +881,7 @@ def save_outputs(cfg: DistillConfig, accelerator: Any, model: Any, tokenizer: An
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # rewritten last by run()
     unwrapped = accelerator.unwrap_model(model)
-    save_dtype = getattr(torch, cfg.save_dtype)
+    save_dtype = torch_dtype(cfg.save_dtype)
 
     def place(tmp: Path, final: Path) -> None:
         shutil.rmtree(final, ignore_errors=True)

@@ -551,7 +551,7 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
                 "answer_offset": r["answer_offset"], "train_tokens": r["train_tokens"], "rewrite": r["rewrite"],
             })
 
-    out_rows_source = [r for qid in kept_ids for r in picked[qid]]
+    kept_rows = [r for qid in kept_ids for r in picked[qid]]
     row_drops = Counter(r["drop"] for r in rows if r["drop"] is not None)
     q_drops = Counter(q_dropped.values())
     easy_all = [q for q in k if k[q] >= cfg.min_perspectives and pass_rate[q] >= cfg.easy_threshold]
@@ -578,7 +578,7 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
         # How the teacher had placed its answer, over every correct row and over the kept ones.
         "rewrites": {
             "correct": rewrite_counts([r for r in rows if r["correct"]]),
-            "kept": rewrite_counts(out_rows_source),
+            "kept": rewrite_counts(kept_rows),
         },
         "accuracy": {
             "overall": {"n": len(rows), "correct": sum(r["correct"] for r in rows),

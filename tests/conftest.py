@@ -23,6 +23,17 @@ def _cached_model(name: str, spec: str, kind: str) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread() -> object:
+    """Tiny tensors: thread hand-offs cost more than the maths on a busy 2-core host."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The read-only reference benchmarks (../shared/data, or $MIND_SHARED_DATA)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from pipeline.answers import canonicalise_answer
+from pipeline.answers import canonical_rationale
 from pipeline.shards import write_shards
 from stages.filter import FILTERED_SCHEMA
 
@@ -28,7 +28,7 @@ def filtered_rows(n_questions: int = 6, ks: list[int] | None = None, seed: int =
             f"Think of {a} apples in a basket; adding {b} more makes {gold} apples in total. The answer is {gold}.",
         ]
         for i in range(k):
-            text, offset = canonicalise_answer(styles[i % len(styles)], gold, "number")
+            text, offset, _, _ = canonical_rationale(styles[i % len(styles)], gold, "number")
             rows.append({
                 "question_id": f"q{q:03d}", "teacher": "teacher", "perspective": PERSPECTIVES[i],
                 "sample_index": 0, "prompt": "p", "text": text, "finish_reason": "stop", "num_tokens": len(text) // 4,

@@ -37,15 +37,6 @@ def filtered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_filtered(tmp_path_factory.mktemp("data") / "filtered", n_questions=6)
 
 
-@pytest.fixture
-def one_thread() -> object:
-    """Tiny models: thread hand-offs cost more than the maths on a busy 2-core host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(tmp: Path, filtered: Path, student: Path, encoder: Path, **kw: object) -> D.DistillConfig:
     base = dict(filtered_dir=filtered, student=str(student), encoder=str(encoder), out_root=tmp / "students",
                 live_root=tmp / "live", embedding_cache=tmp / "cache", max_steps=6, questions_per_step=2,

@@ -263,22 +263,27 @@ def test_finding4_a_bad_key_in_another_section_stops_this_stage(tmp_path: Path) 
 # ================================================================ 5. malformed YAML: one line, file, line, column
 
 
-def test_finding5_malformed_override_file(tmp_path: Path) -> None:
+def _merge_override(tmp_path: Path, override: Path) -> tuple[str, bool]:
+    """`mind params OVERRIDE` on a copy of params.yaml: its one error line, and whether the copy is unchanged."""
     params = tmp_path / "params.yaml"
     params.write_text((REPO / "params.yaml").read_text())
     before = params.read_text()
+    line = one_line_error(mind("params", str(override), "--params", str(params)))
+    return line, params.read_text() == before
+
+
+def test_finding5_malformed_override_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("prepare:\n  limit: 3\n  seed: [1, 2\n")
-    line = one_line_error(mind("params", str(bad), "--params", str(params)))
+    line, unchanged = _merge_override(tmp_path, bad)
     assert f"params: {bad}: malformed YAML at line 4, column 1: expected ',' or ']', but got '<stream end>'" in line
-    assert params.read_text() == before
+    assert unchanged
 
 
 def test_finding5_missing_override_file(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
-    line = one_line_error(mind("params", str(tmp_path / "nope.yaml"), "--params", str(params)))
+    line, unchanged = _merge_override(tmp_path, tmp_path / "nope.yaml")
     assert f"params: {tmp_path / 'nope.yaml'}: params override not found" in line
+    assert unchanged
 
 
 def test_finding5_malformed_yaml_option() -> None:
@@ -329,14 +334,11 @@ def test_finding7_numeric_question_is_a_wrong_type(tmp_path: Path) -> None:
 def test_finding7_section_that_is_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^p.yaml: section distill must be a mapping, got a list$"):
         validate_params({"distill": [1, 2]}, "p.yaml")
-    params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
-    before = params.read_text()
     override = tmp_path / "o.yaml"
     override.write_text("distill: [1, 2]\n")
-    line = one_line_error(mind("params", str(override), "--params", str(params)))
+    line, unchanged = _merge_override(tmp_path, override)
     assert f"params: {override}: section distill must be a mapping, got a list" in line
-    assert params.read_text() == before
+    assert unchanged
 
 
 def test_finding7_empty_student_folder_says_run_distill(tmp_path: Path) -> None:

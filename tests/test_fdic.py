@@ -10,12 +10,7 @@ from pipeline import losses as L
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, inertia_update, update_ema
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw: object) -> FdicConfig:

@@ -12,13 +12,7 @@ from pipeline import losses as L
 from pipeline.ta import TeachingAssistant, embed_paths, encode_texts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny tensors: thread hand-offs cost more than the maths on a busy 2-core host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ta(synergy: bool = True, dim: int = 12) -> TeachingAssistant:
