@@ -198,6 +198,8 @@ def _source_label(spec: str, source: Path | None) -> str:
 def resolve(spec: str, out: Path, kind: ModelKind, dtype: str = "bfloat16") -> dict[str, Any]:
     """Materialise ``spec`` at ``out`` (atomically: built beside it, then renamed)."""
     out = Path(out)
+    # dvc removes the stage's whole output folder before a run; the assembled GGUF is written there first
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     source: Path | None = None

@@ -121,6 +121,17 @@ def test_split_digest_mismatch_names_both_digests_and_writes_nothing(
     assert list(tmp_path.glob("*model.gguf*")) == []  # no file a conversion could read
 
 
+def test_split_model_resolves_into_a_folder_that_does_not_exist_yet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` deletes data/models before the models stage runs: resolve must create the folder
+    it assembles into. A wrong digest then fails on the digest, not on a missing directory."""
+    _fake_split(tmp_path, monkeypatch, [b"aaa", b"XX", b"c"], b"aaabbc")
+    out = tmp_path / "data" / "models" / "teacher"
+    with pytest.raises(ValueError, match="expected sha256"):
+        resolve("embedded:fake", out, "causal_lm")
+    assert list(out.parent.iterdir()) == []  # neither the assembled file nor a half-built model is left
+
+
 def test_split_missing_part_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
