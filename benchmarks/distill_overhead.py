@@ -8,6 +8,11 @@ step; for mind also the EMA update, TA scoring, selection, JSD and the TA's accu
 step) on the identical batch, alternating which goes first. Prints the median seconds per
 optimizer step of each, their ratio (target: mind <= 1.15x uniform), target and total tokens/s,
 the TA warm-up step time (forward only) and the peak RSS.
+
+MFU: 6·N FLOP per trained token (N: the student's matmul weights, ``roofline.py``) times the
+uniform step's tokens/s, over this machine's matmul FLOP/s in the training dtype, measured in
+the same run. With LoRA the frozen weights get no weight gradient, so the work actually done
+is nearer 4·N per token: the 6·N figure is the usual full-fine-tuning yardstick.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from roofline import matmul_flops, matmul_params  # noqa: E402
 
 from pipeline import losses as L  # noqa: E402
 from pipeline.answers import canonical_rationale  # noqa: E402
@@ -86,6 +95,8 @@ def main() -> None:
 
     accelerator = Accelerator(cpu=True)
     model, tok = D.load_student(mind)
+    peak = matmul_flops(next(model.parameters()).dtype)  # before training: nothing else running
+    n_params = matmul_params(mind.student)
     units, path_rows, counts = D.load_units(mind, tok)
     t0 = time.perf_counter()
     fdic = D.build_run_fdic(mind, path_rows, accelerator.device, mind.embedding_cache)
@@ -139,6 +150,9 @@ def main() -> None:
     print(f"mind:    {m:.2f} s/step (median of {args.steps})")
     print(f"ratio mind/uniform: {m / u:.3f}  (target <= 1.15)")
     print(f"uniform throughput: {targets / total_u:.0f} target tokens/s, {tokens / total_u:.0f} tokens/s")
+    mfu = 6 * n_params * tokens / total_u / peak
+    print(f"MFU (uniform): 6 x {n_params / 1e6:.0f} M x {tokens / total_u:.0f} tok/s / "
+          f"{peak / 1e9:.0f} GFLOP/s matmul ({next(model.parameters()).dtype}) = {100 * mfu:.1f}%")
     print(f"TA warm-up step (frozen student forward + TA step): {warm_s:.2f} s")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

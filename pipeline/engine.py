@@ -25,9 +25,11 @@ import gc
 import logging
 import multiprocessing as mp
 import os
+import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,10 @@ class EngineConfig:
     kv_cache_gib: float | None = None  # fixed KV cache size in GiB; None: from gpu_memory_utilization
     max_num_seqs: int = 256  # sequences scheduled together
     max_num_batched_tokens: int | None = None  # tokens per scheduler step; None: vLLM's default
+    # KV cache block size in tokens; None: vLLM's default (128 on CPU, 16 on GPUs; the CPU backend
+    # takes multiples of 32). Prefix caching reuses whole blocks only, so it decides how much of a
+    # shared prompt prefix (a question's n samples, a perspective's template head) is computed once.
+    block_size: int | None = None
     # None: vLLM's default on GPUs, off on CPU hosts. vLLM 0.32's CPU runner crashes ("CPU Generator
     # does not use offset") when a request with its own sampling seed is prefilled in chunks.
     enable_chunked_prefill: bool | None = None
@@ -81,6 +87,8 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, "engine.max_num_seqs must be >= 1")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
               "engine.max_num_batched_tokens must be >= 1")
+        check(self.block_size is None or (self.block_size >= 1 and self.block_size % 16 == 0),
+              "engine.block_size must be a positive multiple of 16")
 
 
 @dataclass
@@ -108,6 +116,8 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
     kwargs: dict[str, Any] = {}
     if cfg.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
+    if cfg.block_size is not None:
+        kwargs["block_size"] = cfg.block_size
     if cfg.enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
     on_cpu = _on_cpu()
@@ -252,10 +262,54 @@ def complete(
     if not prompts:
         return []
     outs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=use_tqdm)
-    return [
-        [Completion(o.text, len(o.token_ids), str(o.finish_reason)) for o in out.outputs]
-        for out in outs
-    ]
+    return [_completions(out) for out in outs]
+
+
+def _completions(out: Any) -> list[Completion]:
+    return [Completion(o.text, len(o.token_ids), str(o.finish_reason)) for o in out.outputs]
+
+
+def stream(
+    llm: LLM,
+    prompts: list[str],
+    params: list[SamplingParams],
+    window: int,
+    lora_request: LoRARequest | None = None,
+) -> Iterator[tuple[int, list[Completion]]]:
+    """``(prompt index, its completions)`` as each request finishes, in finishing order.
+
+    Keeps at most ``window`` requests in the engine and tops it up as requests finish, so the
+    scheduler always has waiting work (``LLM.generate`` per chunk drains the batch at the end of
+    every call) while a caller can act on finished work, e.g. write a shard, long before the end.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    tag = uuid.uuid4().hex[:8]  # request ids stay unique on an engine that serves several calls
+    added = 0
+    live: set[str] = set()
+
+    def top_up() -> None:
+        nonlocal added
+        while added < len(prompts) and len(live) < window:
+            p = params[added].clone()
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
+            rid = f"{tag}-{added}"
+            engine.add_request(rid, prompts[added], p, lora_request=lora_request)
+            live.add(rid)
+            added += 1
+
+    try:
+        top_up()
+        while live:
+            for out in engine.step():
+                if out.finished:
+                    live.discard(out.request_id)
+                    yield int(out.request_id.rsplit("-", 1)[1]), _completions(out)
+            top_up()
+    finally:
+        if live:  # interrupted (an exception, a closed generator): leave the engine empty
+            engine.abort_request(list(live))
 
 
 # ---------------------------------------------------------------- data parallelism
@@ -284,7 +338,8 @@ def _cpu_binds(replicas: int, tp: int) -> list[str]:
 
 
 def _worker(rank: int, env: dict[str, str], model_dir: str, cfg: EngineConfig, conn: Connection) -> None:
-    """One data-parallel replica: load once, then answer (prompts, params, lora) batches until None."""
+    """One data-parallel replica: load once, then stream (prompts, params, window, lora) batches
+    back, one ("item", index, completions) per finished request and ("done", None), until None."""
     os.environ.update(env)
     try:
         llm = load_llm(model_dir, cfg)
@@ -296,9 +351,11 @@ def _worker(rank: int, env: dict[str, str], model_dir: str, cfg: EngineConfig, c
         msg = conn.recv()
         if msg is None:
             break
-        prompts, params, lora = msg
+        prompts, params, window, lora = msg
         try:
-            conn.send(("ok", complete(llm, prompts, params, lora)))
+            for item in stream(llm, prompts, params, window, lora):
+                conn.send(("item", item))
+            conn.send(("done", None))
         except Exception as e:
             conn.send(("error", f"{type(e).__name__}: {e}"))
     unload_llm(llm)
@@ -313,6 +370,7 @@ class EnginePool:
     """
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig) -> None:
+        self.cfg = cfg
         self.size = cfg.data_parallel_size
         gpus = _visible_gpus()
         need = cfg.tensor_parallel_size * self.size
@@ -338,9 +396,9 @@ class EnginePool:
             self._conns.append(parent)
             self._procs.append(p)
         for rank, conn in enumerate(self._conns):
-            self._expect(rank, conn, "ready")
+            self._expect(rank, conn, ("ready",))
 
-    def _expect(self, rank: int, conn: Connection, kind: str) -> Any:
+    def _expect(self, rank: int, conn: Connection, kinds: tuple[str, ...]) -> tuple[str, Any]:
         try:
             status, payload = conn.recv()
         except EOFError:
@@ -349,28 +407,40 @@ class EnginePool:
         if status == "error":
             self.close()
             raise RuntimeError(f"data-parallel engine {rank}: {payload}")
-        if status != kind:
-            raise RuntimeError(f"data-parallel engine {rank}: expected {kind}, got {status}")
-        return payload
+        if status not in kinds:
+            raise RuntimeError(f"data-parallel engine {rank}: expected {' or '.join(kinds)}, got {status}")
+        return status, payload
+
+    def stream(
+        self, prompts: list[str], params: list[SamplingParams], window: int, lora_request: LoRARequest | None = None
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """``(prompt index, completions)`` as requests finish on any replica. Prompt i goes to
+        replica i mod size, so every replica works through the batch in the same order (a
+        caller writing shards in order gets them from all replicas at once)."""
+        busy = {}
+        for rank, conn in enumerate(self._conns):
+            mine = list(range(rank, len(prompts), self.size))
+            if mine:
+                conn.send(([prompts[i] for i in mine], [params[i] for i in mine], window, lora_request))
+                busy[conn] = (rank, mine)
+        while busy:
+            for conn in wait(list(busy)):
+                rank, mine = busy[conn]
+                kind, payload = self._expect(rank, conn, ("item", "done"))
+                if kind == "done":
+                    del busy[conn]
+                else:
+                    local, completions = payload
+                    yield mine[local], completions
 
     def generate(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams], lora_request: LoRARequest | None = None
     ) -> list[list[Completion]]:
-        """Split the batch into ``size`` contiguous parts, one per replica; results in prompt order."""
-        if not prompts:
-            return []
-        step = -(-len(prompts) // self.size)
-        parts = []
-        for rank, conn in enumerate(self._conns):
-            lo, hi = rank * step, min(len(prompts), (rank + 1) * step)
-            p = params[lo:hi] if isinstance(params, list) else params
-            parts.append(hi > lo)
-            if hi > lo:
-                conn.send((prompts[lo:hi], p, lora_request))
-        out: list[list[Completion]] = []
-        for rank, conn in enumerate(self._conns):
-            if parts[rank]:
-                out.extend(self._expect(rank, conn, "ok"))
+        """The whole batch, results in prompt order."""
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for i, completions in self.stream(prompts, per, window_for(self.cfg), lora_request):
+            out[i] = completions
         return out
 
     def close(self) -> None:
@@ -411,3 +481,19 @@ def engine_generate(
     if isinstance(engine, EnginePool):
         return engine.generate(prompts, params, lora_request)
     return complete(engine, prompts, params, lora_request)
+
+
+def window_for(cfg: EngineConfig) -> int:
+    """Requests kept in one engine by ``stream``: ``max_num_seqs`` running and as many again
+    waiting, so a finished sequence is replaced at the next scheduler step."""
+    return 2 * cfg.max_num_seqs
+
+
+def engine_stream(
+    engine: LLM | EnginePool, prompts: list[str], params: list[SamplingParams], window: int
+) -> Iterator[tuple[int, list[Completion]]]:
+    """``stream`` for an in-process engine (``window`` requests in flight), ``EnginePool.stream``
+    for a pool (``window`` per replica)."""
+    if isinstance(engine, EnginePool):
+        return engine.stream(prompts, params, window)
+    return stream(engine, prompts, params, window)

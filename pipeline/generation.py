@@ -31,7 +31,7 @@ from pipeline.questions import format_question
 from pipeline.shards import ShardError
 
 if TYPE_CHECKING:
-    from vllm import LLM
+    from vllm import LLM, SamplingParams
 
 RATIONALE_SCHEMA = pa.schema(
     [
@@ -84,21 +84,20 @@ def make_requests(
     ]
 
 
-def vllm_generate(engine: LLM | EnginePool, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
-    """One whole-batch vLLM call; each request gets its own seeded SamplingParams."""
+def sampling_params(requests: list[Request], sampling: Sampling) -> list[SamplingParams]:
+    """One seeded ``SamplingParams`` per request: a request's samples do not depend on batching."""
     from vllm import SamplingParams
 
-    params = [
-        SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=r.seed,
-        )
+    return [
+        SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                       max_tokens=sampling.max_tokens, seed=r.seed)
         for r in requests
     ]
-    return engine_generate(engine, [r.prompt for r in requests], params)
+
+
+def vllm_generate(engine: LLM | EnginePool, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
+    """One whole-batch vLLM call."""
+    return engine_generate(engine, [r.prompt for r in requests], sampling_params(requests, sampling))
 
 
 class HFGenerator:

@@ -5,7 +5,10 @@
     mind generate --teachers '[{name: big, model: Qwen/Qwen2.5-7B-Instruct, engine: {tensor_parallel_size: 2}}]'
 
 For every teacher (one after another: each loads once and is unloaded before the next),
-every question of ``questions_dir`` and every perspective, samples ``n`` rationales. Writes
+every question of ``questions_dir`` and every perspective, samples ``n`` rationales. With vLLM,
+the teacher's whole workload streams through one rolling window of 2 × ``max_num_seqs``
+requests, so the engine's batch stays full across shards, and each shard is written the moment
+its last request finishes. Writes
 ``data/rationales/``: Arrow shards of ``shard_size`` questions each (columns question_id,
 teacher, perspective, sample_index, prompt, text, finish_reason, num_tokens, seed), the
 manifest last, and ``stats.json`` (rows and mean tokens per perspective, share of
@@ -34,17 +37,18 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import check, from_dict, to_dict
-from pipeline.engine import EngineConfig, close_engine, open_engine
+from pipeline.engine import Completion, EngineConfig, close_engine, engine_stream, open_engine, window_for
 from pipeline.generation import (
     RATIONALE_SCHEMA,
     HFGenerator,
+    Request,
     Sampling,
     hf_generate,
     make_requests,
     plan_remaining,
+    sampling_params,
     summarize,
     to_rows,
-    vllm_generate,
 )
 from pipeline.perspectives import Perspective, load_perspectives
 from pipeline.shards import ShardError, ShardWriter, atomic_write_json, read_manifest, read_rows, read_shard, shard_files
@@ -87,7 +91,7 @@ class GenerateConfig:
     backend: Literal["vllm", "transformers"] = field("vllm", help="generation backend")
     engine: EngineConfig = field(help="vLLM engine settings (mapping)", factory=EngineConfig)
     hf_batch_size: int = field(16, help="transformers backend: prompts per generate call")
-    shard_size: int = field(16, help="questions per shard (and per engine call)")
+    shard_size: int = field(16, help="questions per shard (the unit of resumption; vLLM's batch spans shards)")
     resume: bool = field(True, help="keep complete shards of an interrupted run with the same config")
 
     def __post_init__(self) -> None:
@@ -222,24 +226,45 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
         load_seconds[teacher.name] = time.perf_counter() - t_load
         log.info("teacher %s (%s) loaded in %.1f s; %d questions to do", teacher.name, teacher.model,
                  load_seconds[teacher.name], len(qids))
+        chunks = [[by_id[q] for q in chunk] for chunk in _chunks(qids, cfg.shard_size)]
+        t_teacher = time.perf_counter()
+
+        def write(requests: list[Request], completions: list[list[Completion]], seeds: list[int] | None = None) -> None:
+            nonlocal new_tokens
+            rows = to_rows(teacher.name, requests, completions, seeds)
+            path = writer.write(rows)
+            new_tokens += sum(r["num_tokens"] for r in rows)
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t_gen):.0f}", shard=path.name)
+
         try:
-            for chunk in _chunks(qids, cfg.shard_size):
-                requests = make_requests([by_id[q] for q in chunk], perspectives, teacher.name, sampling.seed, tokenizer)
-                if cfg.backend == "vllm":
-                    rows = to_rows(teacher.name, requests, vllm_generate(engine, requests, sampling))
-                else:
+            if cfg.backend == "vllm":
+                # The teacher's whole workload goes through one rolling window of requests, so the
+                # engine's batch stays full across shard boundaries; a shard is written as soon as
+                # its last request finishes.
+                shards = [make_requests(c, perspectives, teacher.name, sampling.seed, tokenizer) for c in chunks]
+                owner = [(s, j) for s, reqs in enumerate(shards) for j in range(len(reqs))]
+                flat = [r for reqs in shards for r in reqs]
+                done: list[dict[int, list[Completion]]] = [{} for _ in shards]
+                for i, completions in engine_stream(engine, [r.prompt for r in flat], sampling_params(flat, sampling),
+                                                    window_for(eng_cfg)):
+                    s, j = owner[i]
+                    done[s][j] = completions
+                    bar.update(len(completions))
+                    if len(done[s]) == len(shards[s]):
+                        write(shards[s], [done[s][k] for k in range(len(shards[s]))])
+                        done[s] = {}
+            else:
+                for chunk in chunks:
+                    requests = make_requests(chunk, perspectives, teacher.name, sampling.seed, tokenizer)
                     completions, seeds = hf_generate(hf, requests, sampling)
-                    rows = to_rows(teacher.name, requests, completions, seeds)
-                path = writer.write(rows)
-                new_tokens += sum(r["num_tokens"] for r in rows)
-                bar.update(len(rows))
-                elapsed = time.perf_counter() - t_gen
-                bar.set_postfix(tok_s=f"{new_tokens / elapsed:.0f}", shard=path.name)
+                    write(requests, completions, seeds)
+                    bar.update(sum(map(len, completions)))
         finally:
             if cfg.backend == "vllm":
                 close_engine(engine)
             else:
                 hf.close()
+        log.info("teacher %s: %d questions in %.1f s", teacher.name, len(qids), time.perf_counter() - t_teacher)
     bar.close()
 
     # The final check: exactly questions x perspectives x n rows per teacher, no duplicates.

@@ -40,12 +40,50 @@ def test_unloading_one_engine_leaves_the_others_working(embedded_llm, embedded_m
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_stream_keeps_its_window_and_matches_one_batch(embedded_llm) -> None:
+    """``stream`` (generate's rolling window): every prompt comes back exactly once, with the same
+    text as one whole-batch call; never more than ``window`` requests sit in the engine; closing
+    the stream early leaves the engine empty and working."""
+    from vllm import SamplingParams
+
+    from pipeline.engine import chat_prompts, complete, stream
+
+    prompts = chat_prompts(embedded_llm.get_tokenizer(), [f"What is {i} + {2 * i}?" for i in range(7)])
+    params = [SamplingParams(temperature=0.8, max_tokens=10 + 3 * i, seed=i) for i in range(7)]
+    expected = [[c.text for c in cs] for cs in complete(embedded_llm, prompts, params)]
+    engine = embedded_llm.llm_engine
+    got: dict[int, list[str]] = {}
+    for i, completions in stream(embedded_llm, prompts, params, window=3):
+        assert engine.get_num_unfinished_requests() <= 3
+        assert i not in got
+        got[i] = [c.text for c in completions]
+    assert [got[i] for i in range(7)] == expected
+    assert not engine.has_unfinished_requests()
+
+    early = stream(embedded_llm, prompts, params, window=4)
+    next(early)
+    early.close()  # a stage interrupted mid-stream
+    assert not engine.has_unfinished_requests()
+    assert [c[0].text for c in complete(embedded_llm, prompts[:1], params[:1])] == expected[0]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_data_parallel_pool_matches_one_engine(embedded_llm, embedded_model_dir: Path) -> None:
     """``data_parallel_size: 2`` on CPU: two replica processes, one core each, split the batch and
     return the completions in prompt order, the same greedy text as a single engine."""
     from vllm import SamplingParams
 
-    from pipeline.engine import EngineConfig, EnginePool, chat_prompts, close_engine, complete, engine_generate, open_engine
+    from pipeline.engine import (
+        EngineConfig,
+        EnginePool,
+        chat_prompts,
+        close_engine,
+        complete,
+        engine_generate,
+        engine_stream,
+        open_engine,
+    )
 
     prompts = chat_prompts(embedded_llm.get_tokenizer(), [f"What is {i} + {i + 2}?" for i in range(5)])
     greedy = SamplingParams(temperature=0.0, max_tokens=12)
@@ -54,7 +92,11 @@ def test_data_parallel_pool_matches_one_engine(embedded_llm, embedded_model_dir:
     try:
         assert isinstance(pool, EnginePool) and pool.size == 2
         got = [c[0].text for c in engine_generate(pool, prompts, greedy)]
+        streamed = list(engine_stream(pool, prompts, [greedy] * len(prompts), window=2))
     finally:
         close_engine(pool)
     assert got == [c[0].text for c in complete(embedded_llm, prompts, greedy)]
     assert len(set(got)) > 1  # in prompt order, not one answer repeated
+    # streaming: each prompt once, from whichever replica finished it, under its global index
+    assert sorted(i for i, _ in streamed) == list(range(5))
+    assert {i: cs[0].text for i, cs in streamed} == dict(enumerate(got))

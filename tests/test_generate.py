@@ -216,13 +216,35 @@ def _check_output(out: Path, expected_rows: int, max_tokens: int) -> pa.Table:
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_stage_on_embedded_model(tmp_path: Path, embedded_model_dir: Path) -> None:
+def test_vllm_stage_on_embedded_model(tmp_path: Path, embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rolling window per teacher across all shards, and each shard written as soon as its
+    requests are done: the first shard lands while the second's requests still run."""
+    from stages import generate as G
+
+    events: list[str] = []
+    real_stream, real_write = G.engine_stream, G.ShardWriter.write
+
+    def spy_stream(*args: Any, **kwargs: Any) -> Any:
+        events.append("stream")
+        for item in real_stream(*args, **kwargs):
+            events.append("item")
+            yield item
+
+    def spy_write(self: Any, rows: list[dict[str, Any]]) -> Path:
+        events.append("write")
+        return real_write(self, rows)
+
     qdir = _questions_dir(tmp_path, 4)
+    monkeypatch.setattr(G, "engine_stream", spy_stream)
+    monkeypatch.setattr(G.ShardWriter, "write", spy_write)
     out = tmp_path / "out"
+    # max_num_seqs 2: the window (4 requests) is smaller than the workload (8), so it must top up
     cfg = _cfg(tmp_path, teachers=[{"name": "smol", "model": str(embedded_model_dir)}],
                perspectives=["Decomposition", "Socratic"], n=2, max_tokens=48, shard_size=2,
-               questions_dir=str(qdir), out_dir=str(out), engine=TEST_ENGINE)
+               questions_dir=str(qdir), out_dir=str(out), engine={**TEST_ENGINE, "max_num_seqs": 2})
     stats = run(cfg)
+    assert events.count("stream") == 1 and events.count("item") == 8 and events.count("write") == 2
+    assert events.index("write") < len(events) - 2  # shard 1 written before the last request finished
     table = _check_output(out, 4 * 2 * 2, 48)
     assert sorted(Counter(table.column("perspective").to_pylist()).items()) == [("Decomposition", 8), ("Socratic", 8)]
     assert len(list(out.glob("shard-*.arrow"))) == 2
@@ -277,7 +299,7 @@ def test_kill_and_resume(tmp_path: Path, embedded_model_dir: Path) -> None:
     params = tmp_path / "params.yaml"
     section = {"teachers": [{"name": "smol", "model": str(embedded_model_dir)}], "questions_dir": str(qdir),
                "out_dir": str(out), "perspectives": ["Planning", "Analogy"], "n": 1, "max_tokens": 64,
-               "shard_size": 2, "engine": TEST_ENGINE}
+               "shard_size": 2, "engine": {**TEST_ENGINE, "max_num_seqs": 2}}  # shards finish one by one
     params.write_text(yaml.safe_dump({"generate": section}))
     cmd = [sys.executable, "-m", "stages.app", "generate", "--params", str(params)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
