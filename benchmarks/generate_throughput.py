@@ -17,6 +17,8 @@ process (start-up timed apart from generation):
 - ``stage-block32``: the same with ``engine.block_size`` 32 instead of vLLM's CPU default of 128
   (the CPU attention backend takes multiples of 32 only): prefix caching reuses whole blocks, and
   the prompts of one perspective share their first ~55 tokens (system prompt, template head);
+- ``stage-per-shard``: the stage's engine, but one ``LLM.generate`` call per ``--shard-prompts``
+  prompts (the stage before its rolling window: the batch drains at the end of every call);
 - ``stage-unseeded``: the same without per-request seeds (the stage seeds every request so that a
   resumed shard comes out the same; this shows what the seeded sampler costs);
 - ``plain``: a plain script: ``vllm.LLM(model, dtype, max_model_len, kv cache)`` with every other
@@ -54,6 +56,7 @@ from pipeline.perspectives import load_perspectives  # noqa: E402
 from pipeline.shards import read_rows  # noqa: E402
 
 VARIANTS = ("stage", "stage-compiled", "stage-no-prefix-cache", "stage-unseeded", "stage-block32",
+            "stage-per-shard",
             "plain", "plain-eager")
 
 
@@ -76,7 +79,7 @@ def run_variant(variant: str, args: argparse.Namespace, reqs: list[Request], sam
     prompts = [r.prompt for r in reqs]
     t0 = time.perf_counter()
     if variant.startswith("stage"):
-        from pipeline.engine import EngineConfig, engine_stream, load_llm, unload_llm, window_for
+        from pipeline.engine import EngineConfig, complete, engine_stream, load_llm, unload_llm, window_for
         from pipeline.generation import sampling_params
 
         block = 32 if variant == "stage-block32" else None
@@ -98,9 +101,13 @@ def run_variant(variant: str, args: argparse.Namespace, reqs: list[Request], sam
         if variant == "stage-unseeded":
             for p in params:
                 p.seed = None
-        done = list(engine_stream(llm, prompts, params, window_for(cfg)))
+        if variant == "stage-per-shard":
+            k = args.shard_prompts
+            done = [cs for i in range(0, len(prompts), k) for cs in complete(llm, prompts[i:i + k], params[i:i + k])]
+        else:
+            done = [cs for _, cs in engine_stream(llm, prompts, params, window_for(cfg))]
         seconds = time.perf_counter() - t0
-        tokens = sum(c.num_tokens for _, cs in done for c in cs)
+        tokens = sum(c.num_tokens for cs in done for c in cs)
         unload_llm(llm)
     else:
         from vllm import LLM, SamplingParams
@@ -147,6 +154,8 @@ def main() -> None:
     ap.add_argument("--variants", default="stage,stage-compiled,plain", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--hf-batch-sizes", default="16,64", help="comma-separated transformers batch sizes ('' for none)")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
+    ap.add_argument("--shard-prompts", type=int, default=32,
+                    help="stage-per-shard: prompts per call (4 questions x 8 perspectives)")
     ap.add_argument("--run-variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     args.dtype = resolve_dtype(args.dtype)

@@ -27,7 +27,7 @@ import multiprocessing as mp
 import os
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -275,7 +275,7 @@ def stream(
     params: list[SamplingParams],
     window: int,
     lora_request: LoRARequest | None = None,
-) -> Iterator[tuple[int, list[Completion]]]:
+) -> Generator[tuple[int, list[Completion]], None, None]:
     """``(prompt index, its completions)`` as each request finishes, in finishing order.
 
     Keeps at most ``window`` requests in the engine and tops it up as requests finish, so the
@@ -413,7 +413,7 @@ class EnginePool:
 
     def stream(
         self, prompts: list[str], params: list[SamplingParams], window: int, lora_request: LoRARequest | None = None
-    ) -> Iterator[tuple[int, list[Completion]]]:
+    ) -> Generator[tuple[int, list[Completion]], None, None]:
         """``(prompt index, completions)`` as requests finish on any replica. Prompt i goes to
         replica i mod size, so every replica works through the batch in the same order (a
         caller writing shards in order gets them from all replicas at once)."""
@@ -491,7 +491,7 @@ def window_for(cfg: EngineConfig) -> int:
 
 def engine_stream(
     engine: LLM | EnginePool, prompts: list[str], params: list[SamplingParams], window: int
-) -> Iterator[tuple[int, list[Completion]]]:
+) -> Generator[tuple[int, list[Completion]], None, None]:
     """``stream`` for an in-process engine (``window`` requests in flight), ``EnginePool.stream``
     for a pool (``window`` per replica)."""
     if isinstance(engine, EnginePool):

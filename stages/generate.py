@@ -29,6 +29,7 @@ import logging
 import signal
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -245,14 +246,16 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
                 owner = [(s, j) for s, reqs in enumerate(shards) for j in range(len(reqs))]
                 flat = [r for reqs in shards for r in reqs]
                 done: list[dict[int, list[Completion]]] = [{} for _ in shards]
-                for i, completions in engine_stream(engine, [r.prompt for r in flat], sampling_params(flat, sampling),
-                                                    window_for(eng_cfg)):
-                    s, j = owner[i]
-                    done[s][j] = completions
-                    bar.update(len(completions))
-                    if len(done[s]) == len(shards[s]):
-                        write(shards[s], [done[s][k] for k in range(len(shards[s]))])
-                        done[s] = {}
+                # closing(): on an error the stream's requests are aborted before the engine closes
+                with closing(engine_stream(engine, [r.prompt for r in flat], sampling_params(flat, sampling),
+                                           window_for(eng_cfg))) as finished:
+                    for i, completions in finished:
+                        s, j = owner[i]
+                        done[s][j] = completions
+                        bar.update(len(completions))
+                        if len(done[s]) == len(shards[s]):
+                            write(shards[s], [done[s][k] for k in range(len(shards[s]))])
+                            done[s] = {}
             else:
                 for chunk in chunks:
                     requests = make_requests(chunk, perspectives, teacher.name, sampling.seed, tokenizer)
