@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
@@ -60,10 +61,7 @@ VARIANTS = ("stage", "stage-compiled", "stage-no-prefix-cache", "stage-unseeded"
             "plain", "plain-eager")
 
 
-def build_requests(model: str, questions_dir: Path, num_prompts: int, seed: int) -> list[Request]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
+def build_requests(tok: Any, questions_dir: Path, num_prompts: int, seed: int) -> list[Request]:
     questions = read_rows(questions_dir)[:num_prompts]
     if len(questions) < num_prompts:
         raise SystemExit(f"{questions_dir}: only {len(questions)} questions, need {num_prompts}")
@@ -160,7 +158,10 @@ def main() -> None:
     args = ap.parse_args()
     args.dtype = resolve_dtype(args.dtype)
 
-    reqs = build_requests(args.model, args.questions_dir, args.num_prompts, args.seed)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    reqs = build_requests(tok, args.questions_dir, args.num_prompts, args.seed)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, n=1)
     if args.run_variant:
         print("RESULT " + json.dumps(run_variant(args.run_variant, args, reqs, sampling)), flush=True)
@@ -168,9 +169,6 @@ def main() -> None:
 
     import torch
 
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
     # vLLM prefills every prompt token too (2·N FLOP each, like a decoded one): on short outputs
     # the prefill is a large share of the work, so the roofline share is printed both ways.
     prompt_tokens = sum(len(tok(r.prompt, add_special_tokens=False)["input_ids"]) for r in reqs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -46,13 +47,9 @@ def matmul_params(model_dir: str | Path) -> int:
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
-                shape = st.get_slice(name).get_shape()
-                numel = 1
-                for d in shape:
-                    numel *= d
                 if "embed_tokens" in name and not tied:
                     continue  # a lookup table only: the untied lm_head does the output matmul
-                total += numel
+                total += math.prod(st.get_slice(name).get_shape())
     return total
 
 

@@ -287,7 +287,7 @@ def stream(
     engine = llm.llm_engine
     tag = uuid.uuid4().hex[:8]  # request ids stay unique on an engine that serves several calls
     added = 0
-    live: set[str] = set()
+    live: dict[str, int] = {}  # request id -> prompt index, for the requests in the engine
 
     def top_up() -> None:
         nonlocal added
@@ -296,7 +296,7 @@ def stream(
             p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
             rid = f"{tag}-{added}"
             engine.add_request(rid, prompts[added], p, lora_request=lora_request)
-            live.add(rid)
+            live[rid] = added
             added += 1
 
     try:
@@ -304,8 +304,7 @@ def stream(
         while live:
             for out in engine.step():
                 if out.finished:
-                    live.discard(out.request_id)
-                    yield int(out.request_id.rsplit("-", 1)[1]), _completions(out)
+                    yield live.pop(out.request_id), _completions(out)
             top_up()
     finally:
         if live:  # interrupted (an exception, a closed generator): leave the engine empty
@@ -339,7 +338,7 @@ def _cpu_binds(replicas: int, tp: int) -> list[str]:
 
 def _worker(rank: int, env: dict[str, str], model_dir: str, cfg: EngineConfig, conn: Connection) -> None:
     """One data-parallel replica: load once, then stream (prompts, params, window, lora) batches
-    back, one ("item", index, completions) per finished request and ("done", None), until None."""
+    back, one ("item", (index, completions)) per finished request and ("done", None), until None."""
     os.environ.update(env)
     try:
         llm = load_llm(model_dir, cfg)
