@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 
 from pipeline import questions as Q
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError, deep_merge, from_dict
 from pipeline.sample import embedded_splits
 from pipeline.shards import read_rows
+from stages.cli import read_params
 from stages.prepare import DatasetSpec, PrepareConfig, load_dataset_rows, run
 
 
@@ -181,3 +182,22 @@ def test_real_svamp_question_text(tmp_path: Path, shared_data: Path) -> None:
     rows = list(Q.load_svamp(shared_data / "svamp" / "SVAMP.json"))
     first = json.loads((shared_data / "svamp" / "SVAMP.json").read_text())[0]
     assert rows[0].question.startswith(first["Body"].strip()) and rows[0].question.endswith(first["Question"].strip())
+
+
+def test_cpu_real_study_pool_shares_no_question_with_its_eval_splits(tmp_path: Path, shared_data: Path) -> None:
+    """configs/cpu-real.yaml's own prepare section, on the real files: the SVAMP training pool is SVAMP
+    minus the 300 held-out questions, and no pool question appears in any eval split. Without
+    decontamination the same config would train on all 300 of them."""
+    root = Path(__file__).resolve().parent.parent
+    params = deep_merge(read_params(root / "params.yaml"), read_params(root / "configs" / "cpu-real.yaml"))
+    section = {**params["prepare"], "out_dir": str(tmp_path / "prep"), "shared_dir": str(shared_data)}
+    stats = run(from_dict(PrepareConfig, section))
+    assert stats["train"]["contaminated"] == 300 and stats["train"]["kept"] == 700
+    keys = {name: {Q.question_key(r["question"], r["choices"]) for r in read_rows(tmp_path / "prep" / name)}
+            for name in ["train", "svamp", "gsm8k", "csqa", "strategyqa"]}
+    assert len(keys["svamp"]) == 300
+    assert all(not keys["train"] & keys[name] for name in ["svamp", "gsm8k", "csqa", "strategyqa"])
+
+    leaky = run(from_dict(PrepareConfig, {**section, "decontaminate": False, "out_dir": str(tmp_path / "leaky")}))
+    pool = {Q.question_key(r["question"], r["choices"]) for r in read_rows(tmp_path / "leaky" / "train")}
+    assert leaky["train"]["kept"] == 1000 and len(pool & keys["svamp"]) == 300
