@@ -30,10 +30,7 @@ def random_student(src: Path, out: Path) -> Path:
     """``src``'s architecture and tokenizer with seeded random weights, saved to ``out``."""
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    for name in ("chat_template.jinja", "generation_config.json"):  # what the tokenizer save may not carry over
-        if (src / name).exists() and not (out / name).exists():
-            shutil.copy(src / name, out / name)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)  # writes the chat template too
     return out
 
 
@@ -46,14 +43,14 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["single", "uniform", "mcc", "mind"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill_gpu"))
     args = ap.parse_args()
-    # distill's own log line names the device and dtype each run trained in
+    # the logs name the device (distill: "on cuda") and the dtype (engine: "dtype auto -> bfloat16")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     if args.work.exists():
         shutil.rmtree(args.work)
     student = random_student(args.student, args.work / "student")
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; torch {torch.__version__}")
-    print("| method | steps | s/step | tokens/s | loss first → last | peak GPU GiB |")  # device, dtype: distill's log
+    print("| method | steps | s/step | tokens/s | loss first → last | peak GPU GiB |")  # device, dtype: in the logs
     print("|---|---|---|---|---|---|")
     for method in args.methods:
         cfg = D.DistillConfig(method=method, filtered_dir=args.filtered, student=str(student), encoder=str(args.encoder),

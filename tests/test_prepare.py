@@ -193,10 +193,12 @@ def test_cpu_real_study_pool_shares_no_question_with_its_eval_splits(tmp_path: P
     section = {**params["prepare"], "out_dir": str(tmp_path / "prep"), "shared_dir": str(shared_data)}
     stats = run(from_dict(PrepareConfig, section))
     assert stats["train"]["contaminated"] == 300 and stats["train"]["kept"] == 700
+    evals = [spec["name"] for spec in section["eval"]]
+    assert evals == ["svamp", "gsm8k", "csqa", "strategyqa"]
     keys = {name: {Q.question_key(r["question"], r["choices"]) for r in read_rows(tmp_path / "prep" / name)}
-            for name in ["train", "svamp", "gsm8k", "csqa", "strategyqa"]}
+            for name in ["train", *evals]}
     assert len(keys["svamp"]) == 300
-    assert all(not keys["train"] & keys[name] for name in ["svamp", "gsm8k", "csqa", "strategyqa"])
+    assert all(not keys["train"] & keys[name] for name in evals)
 
     leaky = run(from_dict(PrepareConfig, {**section, "decontaminate": False, "out_dir": str(tmp_path / "leaky")}))
     pool = {Q.question_key(r["question"], r["choices"]) for r in read_rows(tmp_path / "leaky" / "train")}
