@@ -66,7 +66,9 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # At 0/n (n/n) the bound is exactly 0 (1) in theory, but centre - half rounds to e.g. 3.5e-18 at
+    # 0/100: clamp to p so the interval always contains p (matplotlib error bars reject p - low < 0).
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
 
 
 def accuracy_summary(flags: Sequence[bool]) -> dict[str, float | int]:

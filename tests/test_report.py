@@ -65,6 +65,15 @@ def test_wilson_is_narrower_with_more_data_and_contains_p() -> None:
     assert (b[1] - b[0]) < (a[1] - a[0])
 
 
+def test_wilson_contains_p_exactly_at_zero_and_all_correct() -> None:
+    # 0/100, 0/300 and 100/100 round to bounds just past p (3.5e-18, ...) without the clamp; the
+    # report's error bars (p - low, high - p) must never be negative.
+    for k, n in [(0, 100), (0, 300), (0, 7), (100, 100), (300, 300)]:
+        lo, hi = wilson_interval(k, n)
+        assert lo <= k / n <= hi
+    assert wilson_interval(0, 100)[0] == 0.0 and wilson_interval(100, 100)[1] == 1.0
+
+
 def test_wilson_rejects_bad_counts() -> None:
     with pytest.raises(ValueError, match="n must be positive"):
         wilson_interval(0, 0)
