@@ -3,10 +3,10 @@
     mind prepare                      # params.yaml's `prepare` section
     mind prepare --limit 50 --on-bad-row skip
 
-Writes ``data/prepared/train/`` (the teacher's question pool) and
-``data/prepared/<name>/`` for every eval dataset, each a shard folder with the question
-columns of DESIGN.md, plus ``data/prepared/stats.json`` (rows read, kept, bad, duplicate,
-contaminated, per split).
+Writes ``data/prepared/train/`` (the teacher's question pool; absent when ``train`` is
+empty, so eval sets can be prepared alone) and ``data/prepared/<name>/`` for every eval
+dataset, each a shard folder with the question columns of ``pipeline.questions.QUESTION_SCHEMA``,
+plus ``data/prepared/stats.json`` (rows read, kept, bad, duplicate, contaminated, per split).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class PrepareConfig:
     shard_size: int = field(5000, help="rows per shard")
 
     def __post_init__(self) -> None:
-        check(bool(self.train), "prepare.train: at least one training dataset is needed")
+        # eval sets alone are a valid run: scoring a new benchmark needs no training pool
+        check(bool(self.train or self.eval), "prepare: at least one dataset (train or eval) is needed")
         names = [d.name for d in self.eval]
         check(len(names) == len(set(names)), f"prepare.eval: duplicate names {names}")
         check("train" not in names, "prepare.eval: 'train' is reserved for the training split")
@@ -173,9 +174,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         before = len(train)
         train = [r for r in train if Q.question_key(r["question"], r["choices"]) not in eval_keys]
         counts["contaminated"] = before - len(train)
-    stats["train"] = dict(counts)
-
-    splits = {"train": train, **eval_rows}
+    if cfg.train:  # eval sets alone write no train split, rather than an empty one generate would refuse
+        stats["train"] = dict(counts)
+    splits = {"train": train, **eval_rows} if cfg.train else eval_rows
     for name, rows in splits.items():
         if cfg.limit is not None and len(rows) > cfg.limit:
             stats[name]["over_limit"] = stats[name].get("over_limit", 0) + len(rows) - cfg.limit

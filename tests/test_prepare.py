@@ -149,6 +149,21 @@ def test_shuffle_limit_decontaminate_and_stable_ids(tmp_path: Path) -> None:
     assert run(cfg2)["train"]["contaminated"] == 1
 
 
+def test_eval_sets_are_prepared_alone_without_a_training_set(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, [], [{"name": "emb_eval", "format": "embedded", "split": "eval", "limit": 20}],
+               embedded_eval_size=40)
+    stats = run(cfg)
+    assert set(stats) == {"emb_eval"} and stats["emb_eval"]["kept"] == 20
+    assert len(read_rows(tmp_path / "prep" / "emb_eval")) == 20
+    assert not (tmp_path / "prep" / "train").exists()  # no empty pool for generate to trip over
+    assert set(json.loads((tmp_path / "prep" / "stats.json").read_text())["splits"]) == {"emb_eval"}
+
+
+def test_no_dataset_at_all_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least one dataset"):
+        _cfg(tmp_path, [], [])
+
+
 @pytest.mark.parametrize(
     ("fmt", "rel", "count", "answer_type"),
     [
