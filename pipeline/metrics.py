@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from pipeline.config import described
+
 Group = Literal["id", "ood"]
 GROUPS: tuple[Group, ...] = ("id", "ood")
 Z95 = 1.959963984540054  # the 97.5% standard-normal quantile
@@ -139,7 +141,19 @@ def read_model_metrics(path: Path) -> dict[str, Any]:
             lacking = [k for k in SUMMARY_KEYS if not isinstance(m, dict) or k not in m]
             if lacking:
                 raise ValueError(f"{path}: {g}.{name} lacks {lacking}")
+            for key in (*SUMMARY_KEYS, *(k for k in ("answered", "strict_accuracy", "flexible_accuracy") if k in m)):
+                _check_number(path, f"{g}.{name}.{key}", m[key])
+    if not isinstance(data["avg"], dict):
+        raise ValueError(f"{path}: 'avg' must map groups to accuracies")
+    for g, value in data["avg"].items():
+        _check_number(path, f"avg.{g}", value)
     return data
+
+
+def _check_number(path: Path, key: str, value: Any) -> None:
+    """A metric is a finite number: a null or a string would fail later, in a format string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{path}: {key} must be a number, got {described(value)}")
 
 
 # ---------------------------------------------------------------- paired comparisons

@@ -17,15 +17,14 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 import yaml
 
-from pipeline.config import ConfigError, kind_of
-from pipeline.shards import ShardError
+from pipeline.config import ConfigError, kind_of, shown
 
 C = TypeVar("C")
 log = logging.getLogger("mind")
@@ -42,10 +41,30 @@ def _yaml_error(source: str, e: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{source}: malformed YAML: {' '.join(str(e).split())}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one silently, so a second ``seed:`` would quietly win over the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own construct_mapping reports an unhashable key
+            if key in first:
+                raise yaml.MarkedYAMLError(
+                    problem=f"duplicate key {shown(key)} (first at line {first[key].start_mark.line + 1})",
+                    problem_mark=key_node.start_mark)
+            first[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text (a file's, or a command-line option's) as data; errors name ``source``."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise _yaml_error(source, e) from None
 
@@ -144,14 +163,29 @@ def command(
             params = {**params, section: {**section_of(params, section, str(params_path)), **overrides}}
             cfg = validate(params, str(params_path))[section]
             run(cfg)
-        except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
-            log.error("%s: %s", section, e)
-            sys.exit(2)
+        except (ValueError, OSError) as e:
+            fail(section, e)
 
     cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     cmd.__doc__ = inspect.getdoc(run)
     cmd.__name__ = section
     return cmd
+
+
+def error_line(e: ValueError | OSError) -> str:
+    """The one line a user sees for a bad input (``InputError`` and the other ValueErrors) or
+    an expected operating-system failure: a folder where a file belongs, no permission, a
+    read-only or full disk. An OSError is named by its path, not by its errno's repr."""
+    if isinstance(e, OSError) and e.filename is not None:
+        target = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{target}: {e.strerror or e}"
+    return " ".join(str(e).split())
+
+
+def fail(section: str, e: ValueError | OSError) -> typing.NoReturn:
+    """Log ``e`` as the command's one error line and exit with code 2."""
+    log.error("%s: %s", section, error_line(e))
+    sys.exit(2)
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None) -> Any:
