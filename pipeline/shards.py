@@ -5,7 +5,9 @@ A stage output folder holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (A
 ``manifest.json`` written last. A folder without a manifest is incomplete and is refused.
 
 Every file is written under a temporary name and renamed into place, so a crash never
-leaves a half-written shard under a final name. Resumable writers (``generate``) keep the
+leaves a half-written shard under a final name. A whole output (a shard folder, a set of
+report files) is built the same way beside the old one by ``replacing`` and swapped in at
+the end: a failure at any point leaves the previous output whole and no temporary behind. Resumable writers (``generate``) keep the
 complete shards of an interrupted run when the run's config hash is unchanged: the hash
 is recorded in ``_run.json`` when the run starts, before any shard, and each shard's row
 count and sha256 are added to it as soon as the shard is complete. On resume a shard is
@@ -21,34 +23,116 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline.config import ConfigError, InputError, kind_of, shown
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 RUN_MARKER = "_run.json"
+STATS = "stats.json"  # the statistics file a stage writes beside its shard folders
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.arrow$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# A name that becomes one folder or file inside a stage's output: one path component that
+# cannot climb out ("..") or stay put ("."), hide, or take the name of a file the stage writes.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_RESERVED_NAMES = (MANIFEST, RUN_MARKER, STATS)
 
 log = logging.getLogger("mind.shards")
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError):
     """An output folder is missing, incomplete or corrupted."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def check_name(name: str, what: str) -> None:
+    """Raise ConfigError unless ``name`` is a plain name for a folder inside an output root."""
+    if not _NAME_RE.match(name) or name in _RESERVED_NAMES:
+        raise ConfigError(
+            f"{what} {shown(name)} must be a plain name: letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit, at most 100 characters, and none of {', '.join(_RESERVED_NAMES)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean_after_kill(path: Path) -> None:
+    """Remove what a run killed inside ``replacing`` left beside ``path``: a half-built new
+    version, or the old version set aside (put back if the kill came before the new one
+    took its place)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-\d+")
+    for stale in sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name)):
+        if stale.name.startswith(f".{path.name}.old-") and not path.exists():
+            os.replace(stale, path)
+        else:
+            _remove(stale)
+
+
+def _check_replaceable(folder: Path) -> None:
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if not (_SHARD_RE.match(p.name) or p.name in _RESERVED_NAMES or ".tmp-" in p.name))
+    if foreign:
+        raise ShardError(f"{folder}: holds {shown(foreign[0])}, which is not part of a shard folder "
+                         f"({len(foreign)} such entries); not replacing it (choose a new or empty folder)")
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Build the new version of ``path`` (a file or a folder) at the path this yields, beside
+    it; when the block ends, the new version takes the place of the old. When the block
+    raises, the new version is removed and ``path`` is left exactly as it was.
+
+    A folder is replaced only if it is a shard folder: a mistyped output path must not delete
+    a folder of other files. A file is swapped in one atomic rename. A folder takes two (the old one aside, the new one
+    in; the old one is then deleted): a failure of the second puts the old one back."""
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "data/.." would set the parent of the output aside
+        raise ConfigError(f"{path}: an output must be a named file or folder, not '.' or '..'")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_after_kill(path)
+    if path.is_dir():
+        _check_replaceable(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
+def replacing_all(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """``replacing`` for several outputs that must agree (a report's text, metrics and plot):
+    all are written under temporary names first and renamed only once every one is complete."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(replacing(p)) for p in paths]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -86,13 +170,11 @@ def shard_files(out_dir: Path) -> list[Path]:
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def read_shard(path: Path) -> pa.Table:
@@ -237,22 +319,67 @@ def write_shards(
     *,
     shard_size: int = 10_000,
     extra: dict[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``rows`` to a fresh shard folder in chunks of ``shard_size``."""
+    """Write ``rows`` as a fresh shard folder in chunks of ``shard_size``, with ``stats``
+    (if given) as its stats.json; it replaces ``out_dir`` only once complete (``replacing``)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    writer = ShardWriter(out_dir, schema, config)
-    buf: list[dict[str, Any]] = []
-    wrote_any = False
-    for row in rows:
-        buf.append(row)
-        if len(buf) == shard_size:
-            writer.write(buf)
-            wrote_any = True
-            buf = []
-    if buf or not wrote_any:
-        writer.write(buf)  # an empty result is still one (empty) shard, so readers see the schema
-    return writer.close(extra)
+    with replacing(out_dir) as tmp:
+        writer = ShardWriter(tmp, schema, config)
+        buf: list[dict[str, Any]] = []
+        wrote_any = False
+        for row in rows:
+            buf.append(row)
+            if len(buf) == shard_size:
+                writer.write(buf)
+                wrote_any = True
+                buf = []
+        if buf or not wrote_any:
+            writer.write(buf)  # an empty result is still one (empty) shard, so readers see the schema
+        manifest = writer.close(extra)
+        if stats is not None:
+            atomic_write_json(tmp / STATS, stats)
+    return manifest
+
+
+def _manifest_error(path: Path, what: str) -> ShardError:
+    return ShardError(f"{path}: {what} (the manifest was changed by hand or by another tool; rerun the stage)")
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    """A manifest has the shape ``ShardWriter.close`` writes: every shard entry names a shard
+    file of this folder (never a path elsewhere), its rows and sha256, and the rows add up."""
+    if not isinstance(manifest, dict):
+        raise _manifest_error(path, f"expected a JSON object, got {kind_of(manifest)}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema_version {shown(manifest.get('schema_version'))}, expected {SCHEMA_VERSION}")
+    lacking = [k for k in ("num_rows", "shards", "columns") if k not in manifest]
+    if lacking:
+        raise _manifest_error(path, f"lacks {', '.join(lacking)}")
+    if not isinstance(manifest["shards"], list):
+        raise _manifest_error(path, f"shards: expected a list, got {kind_of(manifest['shards'])}")
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise _manifest_error(path, f"shards[{i}]: expected a mapping, got {kind_of(entry)}")
+        file = entry.get("file")
+        if not isinstance(file, str) or not _SHARD_RE.match(file):
+            raise _manifest_error(path, f"shards[{i}].file: {shown(file)} is not a shard file name (shard-NNNNN.arrow)")
+        rows = entry.get("rows")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise _manifest_error(path, f"shard {file}: rows {shown(rows)} is not a row count")
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise _manifest_error(path, f"shard {file}: sha256 {shown(digest)} is not a sha256 digest")
+    files = [e["file"] for e in manifest["shards"]]
+    if len(set(files)) != len(files):
+        raise _manifest_error(path, "lists a shard twice")
+    total = sum(e["rows"] for e in manifest["shards"])
+    if manifest["num_rows"] != total:
+        raise _manifest_error(path, f"num_rows {shown(manifest['num_rows'])}, but its shards hold {total}")
+    columns = manifest["columns"]
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise _manifest_error(path, f"columns: expected a list of names, got {shown(columns)}")
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -265,20 +392,23 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
             f"{out_dir}: incomplete output, no {MANIFEST} (the writing stage did not finish; rerun it)"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: unreadable manifest: {e}") from e
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(
-            f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}"
-        )
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ShardError(f"{path}: unreadable manifest: {shown(str(e))}") from None
+    _check_manifest(path, manifest)
     return manifest
 
 
 def verify(out_dir: Path) -> dict[str, Any]:
-    """Check the manifest, every shard's presence, row count and sha256. Returns the manifest."""
+    """Check the manifest, that it lists exactly the shard files on disk, and every shard's
+    sha256. Returns the manifest."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
+    listed = {e["file"] for e in manifest["shards"]}
+    unlisted = [p.name for p in shard_files(out_dir) if p.name not in listed]
+    if unlisted:
+        raise ShardError(f"{out_dir}: shard {unlisted[0]} is not listed in the manifest "
+                         f"({len(unlisted)} unlisted; a manifest lists every shard of its folder)")
     for entry in manifest["shards"]:
         p = out_dir / entry["file"]
         if not p.exists():
@@ -292,10 +422,10 @@ def verify(out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_table(out_dir: Path, *, check: bool = True) -> pa.Table:
-    """All shards of a complete folder as one table, checksums verified first."""
+def read_table(out_dir: Path) -> pa.Table:
+    """All shards of a complete folder as one table, the manifest and checksums verified first."""
     out_dir = Path(out_dir)
-    manifest = verify(out_dir) if check else read_manifest(out_dir)
+    manifest = verify(out_dir)
     tables = []
     for entry in manifest["shards"]:
         table = read_shard(out_dir / entry["file"])
@@ -303,6 +433,12 @@ def read_table(out_dir: Path, *, check: bool = True) -> pa.Table:
             raise ShardError(
                 f"{out_dir}: shard {entry['file']} has {table.num_rows} rows, manifest says {entry['rows']}"
             )
+        if table.schema.names != manifest["columns"]:
+            raise ShardError(f"{out_dir}: shard {entry['file']} has columns {shown(table.schema.names)}, "
+                             f"the manifest lists {shown(manifest['columns'])}")
+        if tables and not table.schema.equals(tables[0].schema):
+            raise ShardError(f"{out_dir}: shard {entry['file']} has schema {shown(str(table.schema))}, "
+                             f"shard {manifest['shards'][0]['file']} {shown(str(tables[0].schema))}")
         tables.append(table)
     return pa.concat_tables(tables)
 
