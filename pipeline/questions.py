@@ -16,7 +16,8 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from pipeline.config import kind_of
+from pipeline.config import InputError, described, kind_of, shown
 from pipeline.sample import embedded_splits
 
 AnswerType = Literal["number", "choice", "yesno", "math"]
@@ -62,24 +63,52 @@ class RawQuestion:
     raw_id: str | None = None
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad input row with ``on_bad_row: error``; the message names file, row and field."""
 
 
 # ---------------------------------------------------------------- canonical golds
 
 
-def canonical_number(value: Any) -> str:
-    """'1,250.00' -> '1250', '5.0' -> '5', '-3' -> '-3', '0.50' -> '0.5'. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a number: {value!r}")
-    text = str(value).strip().replace(",", "").replace("$", "").rstrip(".").strip()
-    try:
-        d = Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"not a number: {value!r}") from None
+# The rule for a gold number, read as text: an optional sign, an optional "$", then digits,
+# either plain or with commas between groups of exactly three ("1,250"; "1,5" and "12,34,5" are
+# not numbers), then an optional decimal fraction and an optional final full stop. The value is
+# exact (Decimal, never a float). Exponents are not part of the rule, and a number with more
+# than MAX_DIGITS digits before or after the point is refused: a gold such as 1e999999 must not
+# cost seconds to write out.
+MAX_DIGITS = 40
+_GOLD_NUMBER_RE = re.compile(r"(?P<sign>[+-]?)\$?(?P<int>\d{1,3}(?:,\d{3})+|\d+|(?=\.\d))(?P<frac>(?:\.\d+)?)\.?")
+
+
+def _gold_decimal(value: Any) -> Decimal:
+    """The exact value of a gold number (text, int, Decimal from JSON, float from Parquet)."""
+    if isinstance(value, str):
+        text = value.strip()
+        m = _GOLD_NUMBER_RE.fullmatch(text) if len(text) <= 4 * MAX_DIGITS else None
+        if m is None:
+            raise ValueError(f"not a number: {shown(value)}")
+        digits = m["int"].replace(",", "")
+        if len(digits) > MAX_DIGITS or len(m["frac"]) - 1 > MAX_DIGITS:
+            raise ValueError(f"more than {MAX_DIGITS} digits: {shown(value)}")
+        return Decimal(f"{m['sign']}{digits or '0'}{m['frac']}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise ValueError(f"expected a number, got {described(value)}")
+    if isinstance(value, int):
+        if value.bit_length() > 3.33 * MAX_DIGITS:  # ~ MAX_DIGITS decimal digits, without writing them out
+            raise ValueError(f"more than {MAX_DIGITS} digits: {shown(value)}")
+        return Decimal(value)
+    d = Decimal(repr(value)) if isinstance(value, float) else value  # a float's shortest exact text
     if not d.is_finite():
-        raise ValueError(f"not a finite number: {value!r}")
+        raise ValueError(f"not a finite number: {shown(value)}")
+    if d and (d.adjusted() >= MAX_DIGITS or d.as_tuple().exponent < -MAX_DIGITS):
+        raise ValueError(f"more than {MAX_DIGITS} digits: {shown(value)}")
+    return d
+
+
+def canonical_number(value: Any) -> str:
+    """'1,250.00' -> '1250', '5.0' -> '5', '-3' -> '-3', '0.50' -> '0.5' (the rule above).
+    Raises ValueError."""
+    d = _gold_decimal(value)
     if d == d.to_integral_value():
         return str(int(d))
     return format(d.normalize(), "f")
@@ -87,28 +116,38 @@ def canonical_number(value: Any) -> str:
 
 def canonical_answer(value: Any, answer_type: AnswerType, num_choices: int = 0) -> str:
     """The canonical gold string for ``answer_type``; raises ValueError with the reason."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None:
+        raise ValueError("expected an answer, got null")
+    if isinstance(value, str) and not value.strip():
         raise ValueError("empty answer")
     if answer_type == "number":
         return canonical_number(value)
     if answer_type == "choice":
-        letter = str(value).strip().strip("()").upper()
+        if not isinstance(value, str):
+            raise ValueError(f"expected a choice letter, got {described(value)}")
+        letter = value.strip().strip("()").upper()
         if len(letter) != 1 or letter not in LETTERS:
-            raise ValueError(f"not a choice letter: {value!r}")
+            raise ValueError(f"not a choice letter: {shown(value)}")
         if num_choices and LETTERS.index(letter) >= num_choices:
             raise ValueError(f"letter {letter} but only {num_choices} choices")
         return letter
     if answer_type == "yesno":
         if isinstance(value, bool):
             return "yes" if value else "no"
-        text = str(value).strip().lower().rstrip(".")
+        if not isinstance(value, str):
+            raise ValueError(f"expected yes/no, got {described(value)}")
+        text = value.strip().lower().rstrip(".")
         if text in ("yes", "true"):
             return "yes"
         if text in ("no", "false"):
             return "no"
-        raise ValueError(f"not yes/no: {value!r}")
+        raise ValueError(f"not yes/no: {shown(value)}")
     if answer_type == "math":
-        return str(value).strip()
+        if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+            return str(value)  # an exact number from JSON, as written there
+        if not isinstance(value, str):
+            raise ValueError(f"expected a LaTeX answer, got {described(value)}")
+        return value.strip()
     raise ValueError(f"unknown answer_type {answer_type!r}")
 
 
@@ -125,19 +164,39 @@ def question_key(question: str, choices: list[str]) -> str:
     return norm + "\x1f" + "\x1f".join(" ".join(c.split()).casefold() for c in choices)
 
 
+# Lone surrogates: what a JSON escape such as "\ud83d" decodes to (and what an undecodable byte
+# becomes under errors="surrogateescape"). Arrow cannot encode them, so a row holding one would
+# fail only when its shard is written, after the previous output was already being replaced.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` holds a character that shows: not only whitespace, zero-width spaces,
+    byte-order marks or other format and control characters."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text)
+
+
 def normalise(rec: RawQuestion, task: str, answer_type: AnswerType, source: str) -> dict[str, Any] | BadRow:
     if not isinstance(rec.question, str):
-        return BadRow(rec.where, "question", f"expected a string, got {kind_of(rec.question)}: {rec.question!r}")
-    if not rec.question.strip():
+        return BadRow(rec.where, "question", f"expected a string, got {described(rec.question)}")
+    if not _visible(rec.question):
         return BadRow(rec.where, "question", "empty question")
     question = rec.question.strip()
-    choices = [str(c).strip() for c in rec.choices]
+    choices = [c.strip() for c in rec.choices]
+    for i, c in enumerate(choices):
+        if not _visible(c):
+            return BadRow(rec.where, f"choices.{i}", "empty option")
     if answer_type == "choice" and len(choices) < 2:
         return BadRow(rec.where, "choices", f"a choice question needs at least 2 options, got {len(choices)}")
     try:
         answer = canonical_answer(rec.answer, answer_type, len(choices))
     except ValueError as e:
         return BadRow(rec.where, "answer", str(e))
+    texts = [("id", rec.raw_id or ""), ("question", question), ("answer", answer),
+             *((f"choices.{i}", c) for i, c in enumerate(choices))]
+    for name, text in texts:
+        if m := _SURROGATE.search(text):
+            return BadRow(rec.where, name, f"lone surrogate U+{ord(m.group()):04X} (not encodable as UTF-8)")
     return {
         "id": stable_id(task, rec.raw_id, question, choices),
         "task": task,
@@ -174,7 +233,7 @@ def _dig(obj: Any, path: str) -> Any:
         elif isinstance(obj, (dict, list)):
             raise KeyError("missing field")
         else:
-            raise KeyError(f"missing field (looked for {part!r} inside {kind_of(obj)}: {obj!r})")
+            raise KeyError(f"missing field (looked for {shown(part)} inside {kind_of(obj)}: {shown(obj)})")
     return obj
 
 
@@ -211,56 +270,97 @@ def _undecoded_row(where: str, obj: dict[str, Any]) -> BadRow | None:
     return None if found is None else BadRow(where, found[0], _not_utf8(found[1]))
 
 
-def _json_reason(e: json.JSONDecodeError) -> str:
-    # json's messages end in "at" when they expect a position ("Unterminated string starting at").
-    return f"unparseable JSON: {e.msg.removesuffix(' at')} at column {e.colno}"
+def _parse_json(text: str) -> Any:
+    """``json.loads`` with exact numbers: a JSON number with a fraction or an exponent becomes a
+    Decimal, so a gold such as 9007199254740993.5 is never rounded through a float.
+
+    Raises ``_Unparseable`` with the reason for anything that is not valid JSON, including what
+    ``json`` reports as RecursionError (nesting too deep) or a plain ValueError (an integer of
+    more than 4,300 digits)."""
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except json.JSONDecodeError as e:
+        # json's messages end in "at" when they expect a position ("Unterminated string starting at").
+        raise _Unparseable(f"unparseable JSON: {e.msg.removesuffix(' at')} at column {e.colno}", e.lineno) from None
+    except RecursionError:
+        raise _Unparseable("unparseable JSON: nested too deeply", None) from None
+    except ValueError as e:
+        raise _Unparseable(f"unparseable JSON: {e}", None) from None
+
+
+class _Unparseable(Exception):
+    def __init__(self, reason: str, line: int | None) -> None:
+        self.reason = reason
+        self.line = line
+
+
+# Every file is read as "utf-8-sig": a byte-order mark that some editors put at the start of a
+# file is dropped instead of becoming part of the first key (a CSV whose question column would
+# then be missing on every row) or a JSON syntax error.
+_ENCODING = "utf-8-sig"
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding=_ENCODING, errors="surrogateescape") as f:
         for i, line in enumerate(f, start=1):
             where = f"{path}:{i}"
             if not line.strip():
                 continue
             undecoded = _UNDECODED.search(line)
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, BadRow(where, "<line>", _not_utf8(undecoded, True) if undecoded else _json_reason(e))
+                obj = _parse_json(line)
+            except _Unparseable as e:
+                yield where, BadRow(where, "<line>", _not_utf8(undecoded, True) if undecoded else e.reason)
                 continue
             if undecoded:
                 found = _undecoded_field(obj)
                 yield where, BadRow(where, found[0] if found else "<line>", _not_utf8(undecoded, True))
                 continue
             if not isinstance(obj, dict):
-                yield where, BadRow(where, "<line>", "expected a JSON object")
+                yield where, BadRow(where, "<line>", f"expected a JSON object, got {kind_of(obj)}")
                 continue
             yield where, obj
 
 
 def _json_list(path: Path, key: str | None = None) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
-    text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    text = Path(path).read_text(encoding=_ENCODING, errors="surrogateescape")
     undecoded = _UNDECODED.search(text)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+        data = _parse_json(text)
+    except _Unparseable as e:
         if undecoded:
             line = text.count("\n", 0, undecoded.start()) + 1
             raise DataError(f"{path}:{line}: <file>: {_not_utf8(undecoded)}") from None
-        raise DataError(f"{path}:{e.lineno}: <file>: {_json_reason(e)}") from None
+        raise DataError(f"{path}{'' if e.line is None else f':{e.line}'}: <file>: {e.reason}") from None
     if key is not None:
         if not isinstance(data, dict) or key not in data:
             raise DataError(f"{path}: <file>: expected a JSON object with a '{key}' list")
         data = data[key]
     if not isinstance(data, list):
-        raise DataError(f"{path}: <file>: expected a JSON list of records")
+        raise DataError(f"{path}: <file>: expected a JSON list of records, got {kind_of(data)}")
     for i, obj in enumerate(data):
         where = f"{path}:record {i}"
         if not isinstance(obj, dict):
-            yield where, BadRow(where, "<record>", "expected a JSON object")
+            yield where, BadRow(where, "<record>", f"expected a JSON object, got {kind_of(obj)}")
         else:
             bad = _undecoded_row(where, obj) if undecoded else None  # walk records only if the file has a bad byte
             yield where, bad or obj
+
+
+def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
+    """CSV records, each named by the physical line it starts on (a quoted field may span lines)."""
+    with open(path, encoding=_ENCODING, errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        start = reader.line_num + 1
+        for obj in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            if None in obj or None in obj.values():  # csv pads a short row with None, keeps extras under None
+                n = len(obj) - 1 + len(obj[None]) if None in obj else sum(v is not None for v in obj.values())
+                yield where, BadRow(where, "<row>", f"{n} fields, the header has {len(header)}")
+                continue
+            yield where, _undecoded_row(where, obj) or dict(obj)
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
@@ -271,36 +371,86 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
     elif suffix == ".json":
         yield from _json_list(path)
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            for i, obj in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                where = f"{path}:{i}"
-                yield where, _undecoded_row(where, obj) or dict(obj)
+        yield from _csv(path)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, obj in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: <file>: not a Parquet file ({shown(str(e))})") from None
+        for i, obj in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", obj
     else:
         raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
 
 
-def _field(where: str, obj: dict[str, Any], path: str) -> Any:
-    try:
-        return _dig(obj, path)
-    except KeyError as e:
-        raise _Missing(BadRow(where, path, e.args[0])) from None
+class _Bad(Exception):
+    """A field is missing or has the wrong type: the record is the bad row it carries."""
 
-
-class _Missing(Exception):
     def __init__(self, bad: BadRow) -> None:
         self.bad = bad
 
 
-def _guard(where: str, build: Any) -> RawQuestion | BadRow:
+def _field(where: str, obj: dict[str, Any], path: str) -> Any:
+    """The value at ``path`` (``_dig``), of any type; a missing one is a bad row."""
+    try:
+        return _dig(obj, path)
+    except KeyError as e:
+        raise _Bad(BadRow(where, path, e.args[0])) from None
+
+
+def _wrong_type(where: str, name: str, expected: str, value: Any) -> _Bad:
+    return _Bad(BadRow(where, name, f"expected {expected}, got {described(value)}"))
+
+
+def _string(where: str, obj: dict[str, Any], path: str, name: str | None = None) -> str:
+    """The text at ``path``: null or any other type is a bad row, never ``str(value)``
+    (a null body would otherwise become the question "None. How many ...")."""
+    value = _field(where, obj, path)
+    if not isinstance(value, str):
+        raise _wrong_type(where, name or path, "a string", value)
+    return value
+
+
+def _number(where: str, obj: dict[str, Any], path: str) -> int | float | Decimal:
+    value = _field(where, obj, path)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise _wrong_type(where, path, "a number", value)
+    return value
+
+
+def _raw_id(where: str, obj: dict[str, Any], path: str, *, required: bool = False) -> str | None:
+    """A record's own id: text or an integer. Absent (and not ``required``): None, and the row
+    gets a content hash instead. Null, empty or any other type is a bad row: a null id must not
+    become the id "None" of every such row."""
+    if not required and path not in obj:
+        return None
+    value = _field(where, obj, path)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise _wrong_type(where, path, "a string or an integer id", value)
+    if not _visible(value):
+        raise _Bad(BadRow(where, path, "empty id"))
+    return value.strip()
+
+
+def _strings(where: str, items: Any, name: str) -> list[str]:
+    """A list of option texts; each must be a string."""
+    if not isinstance(items, list):
+        raise _wrong_type(where, name, "a list", items)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _wrong_type(where, f"{name}.{i}", "a string", item)
+    return items
+
+
+def _guard(build: Callable[[], RawQuestion | BadRow]) -> RawQuestion | BadRow:
     try:
         return build()
-    except _Missing as m:
-        return m.bad
+    except _Bad as b:
+        return b.bad
 
 
 # ---------------------------------------------------------------- loaders, one per format
@@ -313,12 +463,12 @@ def load_gsm8k(path: Path) -> Iterator[RawQuestion | BadRow]:
             continue
 
         def build() -> RawQuestion | BadRow:
-            answer = str(_field(where, obj, "answer"))
+            answer = _string(where, obj, "answer")
             if "####" not in answer:
                 return BadRow(where, "answer", "no '#### <gold>' marker")
             return RawQuestion(where, _field(where, obj, "question"), answer.split("####")[-1].strip())
 
-        yield _guard(where, build)
+        yield _guard(build)
 
 
 def load_svamp(path: Path) -> Iterator[RawQuestion | BadRow]:
@@ -328,13 +478,13 @@ def load_svamp(path: Path) -> Iterator[RawQuestion | BadRow]:
             continue
 
         def build() -> RawQuestion:
-            body = str(_field(where, obj, "Body")).strip()
-            question = str(_field(where, obj, "Question")).strip()
+            body = _string(where, obj, "Body").strip()
+            question = _string(where, obj, "Question").strip()
             # SVAMP bodies usually end without a full stop before the question.
             text = f"{body} {question}" if body.endswith((".", "?", "!")) else f"{body}. {question}"
-            return RawQuestion(where, text, _field(where, obj, "Answer"), raw_id=str(obj.get("ID") or "") or None)
+            return RawQuestion(where, text, _field(where, obj, "Answer"), raw_id=_raw_id(where, obj, "ID"))
 
-        yield _guard(where, build)
+        yield _guard(build)
 
 
 def load_csqa(path: Path) -> Iterator[RawQuestion | BadRow]:
@@ -346,20 +496,26 @@ def load_csqa(path: Path) -> Iterator[RawQuestion | BadRow]:
         def build() -> RawQuestion | BadRow:
             choices = _field(where, obj, "question.choices")
             if not isinstance(choices, list):
-                return BadRow(where, "question.choices", "expected a list")
-            ordered = sorted(choices, key=lambda c: str(c.get("label", "")))
-            labels = [str(c.get("label", "")) for c in ordered]
-            if labels != list(LETTERS[: len(labels)]):
-                return BadRow(where, "question.choices", f"labels {labels} are not A, B, C, ...")
+                raise _wrong_type(where, "question.choices", "a list", choices)
+            options: dict[str, str] = {}
+            for i, c in enumerate(choices):
+                if not isinstance(c, dict):
+                    raise _wrong_type(where, f"question.choices.{i}", "a mapping with label and text", c)
+                options[_string(where, c, "label", f"question.choices.{i}.label")] = _string(
+                    where, c, "text", f"question.choices.{i}.text")
+            labels = sorted(options)
+            if len(options) != len(choices) or labels != list(LETTERS[: len(labels)]):
+                return BadRow(where, "question.choices",
+                              f"labels {shown([c['label'] for c in choices])} are not A, B, C, ...")
             return RawQuestion(
                 where,
                 _field(where, obj, "question.stem"),
                 _field(where, obj, "answerKey"),
-                [str(c.get("text", "")) for c in ordered],
-                raw_id=str(obj.get("id") or "") or None,
+                [options[label] for label in labels],
+                raw_id=_raw_id(where, obj, "id"),
             )
 
-        yield _guard(where, build)
+        yield _guard(build)
 
 
 def load_strategyqa(path: Path) -> Iterator[RawQuestion | BadRow]:
@@ -371,13 +527,13 @@ def load_strategyqa(path: Path) -> Iterator[RawQuestion | BadRow]:
         def build() -> RawQuestion | BadRow:
             scores = _field(where, obj, "target_scores")
             if not isinstance(scores, dict) or set(scores) != {"Yes", "No"}:
-                return BadRow(where, "target_scores", f"expected {{Yes, No}}, got {scores!r}")
-            if scores["Yes"] == scores["No"]:
+                return BadRow(where, "target_scores", f"expected {{Yes, No}}, got {shown(scores)}")
+            yes, no = _number(where, obj, "target_scores.Yes"), _number(where, obj, "target_scores.No")
+            if yes == no:
                 return BadRow(where, "target_scores", "Yes and No score the same")
-            gold = "yes" if scores["Yes"] > scores["No"] else "no"
-            return RawQuestion(where, _field(where, obj, "input"), gold)
+            return RawQuestion(where, _field(where, obj, "input"), "yes" if yes > no else "no")
 
-        yield _guard(where, build)
+        yield _guard(build)
 
 
 def load_math500(path: Path) -> Iterator[RawQuestion | BadRow]:
@@ -385,15 +541,13 @@ def load_math500(path: Path) -> Iterator[RawQuestion | BadRow]:
         if isinstance(obj, BadRow):
             yield obj
             continue
-        yield _guard(
-            where,
-            lambda: RawQuestion(
-                where,
-                _field(where, obj, "problem"),
-                _field(where, obj, "answer"),
-                raw_id=str(obj.get("unique_id") or "").replace("/", "_").removesuffix(".json") or None,
-            ),
-        )
+
+        def build() -> RawQuestion:
+            raw_id = _raw_id(where, obj, "unique_id")
+            return RawQuestion(where, _field(where, obj, "problem"), _field(where, obj, "answer"),
+                               raw_id=raw_id.replace("/", "_").removesuffix(".json") if raw_id else None)
+
+        yield _guard(build)
 
 
 def load_gpqa(path: Path, seed: int = 0) -> Iterator[RawQuestion | BadRow]:
@@ -408,18 +562,22 @@ def load_gpqa(path: Path, seed: int = 0) -> Iterator[RawQuestion | BadRow]:
             continue
 
         def build() -> RawQuestion | BadRow:
-            question = str(_field(where, obj, "Question")).strip()
-            correct = str(_field(where, obj, "Correct Answer")).strip()
-            wrong = [str(_field(where, obj, f"Incorrect Answer {k}")).strip() for k in (1, 2, 3)]
+            question = _string(where, obj, "Question").strip()
+            correct = _string(where, obj, "Correct Answer").strip()
+            wrong = [_string(where, obj, f"Incorrect Answer {k}").strip() for k in (1, 2, 3)]
             options = [correct, *wrong]
-            if any(not o for o in options):
+            if any(not _visible(o) for o in options):
                 return BadRow(where, "Correct Answer/Incorrect Answer", "empty option")
-            digest = hashlib.sha256(f"{seed}:{question}".encode()).hexdigest()
+            digest = hashlib.sha256(f"{seed}:{question}".encode("utf-8", "surrogatepass")).hexdigest()
             random.Random(int(digest[:16], 16)).shuffle(options)
             return RawQuestion(where, question, LETTERS[options.index(correct)], options,
-                               raw_id=str(obj.get("Record ID") or "") or None)
+                               raw_id=_raw_id(where, obj, "Record ID"))
 
-        yield _guard(where, build)
+        yield _guard(build)
+
+
+# The keys of a generic or hub dataset's ``fields`` map.
+FIELD_KEYS = ("question", "answer", "choices", "id")
 
 
 def _mapped(where: str, obj: dict[str, Any], fields: dict[str, str]) -> RawQuestion | BadRow:
@@ -428,15 +586,13 @@ def _mapped(where: str, obj: dict[str, Any], fields: dict[str, str]) -> RawQuest
         if "choices" in fields:
             raw = _field(where, obj, fields["choices"])
             if isinstance(raw, str):
-                raw = [c for c in raw.split("|")]  # CSV files carry options as "a|b|c"
-            if not isinstance(raw, list):
-                return BadRow(where, fields["choices"], "expected a list of options")
-            choices = [str(c) for c in raw]
-        raw_id = str(_field(where, obj, fields["id"])) if "id" in fields else None
+                raw = raw.split("|")  # CSV files carry options as "a|b|c"
+            choices = _strings(where, raw, fields["choices"])
+        raw_id = _raw_id(where, obj, fields["id"], required=True) if "id" in fields else None
         return RawQuestion(where, _field(where, obj, fields["question"]), _field(where, obj, fields["answer"]),
                            choices, raw_id)
 
-    return _guard(where, build)
+    return _guard(build)
 
 
 def load_generic(path: Path, fields: dict[str, str]) -> Iterator[RawQuestion | BadRow]:
@@ -453,7 +609,11 @@ def load_hub(hub_id: str, split: str, subset: str | None, fields: dict[str, str]
     """A Hub dataset through ``datasets.load_dataset`` (needs a network, or a warm HF cache)."""
     import datasets
 
-    ds = datasets.load_dataset(hub_id, subset, split=split)
+    try:
+        ds = datasets.load_dataset(hub_id, subset, split=split)
+    except ConnectionError as e:  # offline, or the Hub unreachable: expected, so one line
+        raise DataError(f"{hub_id}[{split}]: {e} (format hub needs a network or the dataset in the Hugging Face "
+                        "cache)") from None
     for i, obj in enumerate(ds):
         yield _mapped(f"{hub_id}[{split}]:row {i}", obj, fields)
 
