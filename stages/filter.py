@@ -65,10 +65,11 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import answers as A
-from pipeline.config import check, to_dict
+from pipeline.config import check, described, shown, to_dict
 from pipeline.engine import EngineConfig
 from pipeline.questions import LETTERS, format_question
-from pipeline.shards import MANIFEST, atomic_write_json, atomic_write_text, read_table, write_shards
+from pipeline.shards import (MANIFEST, STATS, ShardError, atomic_write_json, atomic_write_text, read_table,
+                             replacing_all, write_shards)
 from stages.cli import field
 
 if TYPE_CHECKING:
@@ -174,11 +175,25 @@ class FilterConfig:
 
 
 def load_questions(questions_dir: Path) -> dict[str, dict[str, Any]]:
+    """The prepared questions by id, checked: every column present and typed, every id used
+    once (rationales are judged against the gold of the question their id names)."""
     table = read_table(questions_dir)
     missing = [c for c in QUESTION_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{questions_dir}: question shards lack column(s) {missing}")
-    return {row["id"]: row for row in table.to_pylist()}
+        raise ShardError(f"{questions_dir}: question shards lack column(s) {missing}")
+    questions: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(table.to_pylist()):
+        for name in ("id", "question", "answer", "answer_type"):
+            if not isinstance(row[name], str):
+                raise ShardError(f"{questions_dir}: row {i}: field {name} is {described(row[name])}, not a string")
+        if row["answer_type"] not in A.ANSWER_TYPES:
+            raise ShardError(f"{questions_dir}: row {i}: answer_type {shown(row['answer_type'])} is not one of "
+                             f"{list(A.ANSWER_TYPES)}")
+        if row["id"] in questions:
+            raise ShardError(f"{questions_dir}: question id {shown(row['id'])} is used by two questions "
+                             "(ids must be unique; rerun `mind prepare`)")
+        questions[row["id"]] = row
+    return questions
 
 
 def load_rationales(rationales_dir: Path, questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -602,13 +617,11 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
         # The old output, if any, must not look complete next to the new stats.
         (cfg.out_dir / MANIFEST).unlink(missing_ok=True)
         message = too_few_message(stats, cfg)
-        atomic_write_json(cfg.out_dir / "stats.json", {**stats, "error": message})
+        atomic_write_json(cfg.out_dir / STATS, {**stats, "error": message})
         raise ValueError(message)
 
-    write_shards(cfg.out_dir, out_rows, FILTERED_SCHEMA, {"stage": "filter", **config}, shard_size=cfg.shard_size)
-    atomic_write_json(cfg.out_dir / "stats.json", stats)
     kept_k = [k[q] for q in kept_ids]
-    atomic_write_json(cfg.metrics_file, {
+    metrics = {
         "rows_in": len(rows),
         "rows_kept": len(out_rows),
         "questions_with_rationales": len(by_question),
@@ -616,14 +629,22 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
         "sample_accuracy": stats["accuracy"]["overall"]["accuracy"],
         "mean_k": sum(kept_k) / len(kept_k) if kept_k else 0.0,
         "mean_pass_rate_kept": sum(pass_rate[q] for q in kept_ids) / len(kept_ids) if kept_ids else 0.0,
-    })
+    }
     per_p = stats["accuracy"]["per_perspective"]
-    atomic_write_text(cfg.plots_dir / "filter_perspectives.csv", _csv(
-        ["perspective", "accuracy", "n", "kept"],
-        [[p, round(v["accuracy"], 6), v["n"], v["kept"]] for p, v in per_p.items()]))
-    atomic_write_text(cfg.plots_dir / "filter_pass_rate.csv", _csv(
-        ["pass_rate", "questions", "kept"],
-        [[b["bin"], b["questions"], b["kept"]] for b in stats["pass_rate_histogram"]]))
+    perspectives_csv = _csv(["perspective", "accuracy", "n", "kept"],
+                            [[p, round(v["accuracy"], 6), v["n"], v["kept"]] for p, v in per_p.items()])
+    pass_rate_csv = _csv(["pass_rate", "questions", "kept"],
+                         [[b["bin"], b["questions"], b["kept"]] for b in stats["pass_rate_histogram"]])
+    # The shards with their stats.json, the metrics and the plot CSVs describe one run: all are
+    # written under temporary names and renamed together at the end.
+    outputs = [cfg.out_dir, cfg.metrics_file, cfg.plots_dir / "filter_perspectives.csv",
+               cfg.plots_dir / "filter_pass_rate.csv"]
+    with replacing_all(outputs) as (out_tmp, metrics_tmp, perspectives_tmp, pass_rate_tmp):
+        write_shards(out_tmp, out_rows, FILTERED_SCHEMA, {"stage": "filter", **config}, shard_size=cfg.shard_size,
+                     stats=stats)
+        atomic_write_json(metrics_tmp, metrics)
+        atomic_write_text(perspectives_tmp, perspectives_csv)
+        atomic_write_text(pass_rate_tmp, pass_rate_csv)
     log.info("wrote %d rationales of %d questions to %s; metrics %s", len(out_rows), len(kept_ids),
              cfg.out_dir, cfg.metrics_file)
     return stats

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pipeline import questions as Q
 from pipeline.config import check, to_dict
-from pipeline.shards import atomic_write_json, write_shards
+from pipeline.shards import STATS, atomic_write_json, check_name, replacing_all, write_shards
 from stages.cli import field
 
 log = logging.getLogger("mind.prepare")
@@ -44,7 +44,10 @@ class DatasetSpec:
     limit: int | None = None  # per-dataset cap, after the shuffle
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, f"dataset name {self.name!r} must be a plain folder name")
+        check_name(self.name, "dataset name")  # an eval set's name is its output folder
+        if self.fields is not None:
+            unknown = sorted(set(self.fields) - set(Q.FIELD_KEYS))
+            check(not unknown, f"{self.name}: unknown key(s) {unknown} in fields; the keys are {list(Q.FIELD_KEYS)}")
         if self.format in ("generic", "hub"):
             check(self.answer_type is not None, f"{self.name}: format {self.format} needs an explicit answer_type")
             check(bool(self.fields) and {"question", "answer"} <= set(self.fields or {}),
@@ -161,12 +164,20 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     counts = Counter()
     train: list[dict[str, Any]] = []
     train_keys: set[str] = set()
+    owner: dict[str, str] = {}  # id -> the training dataset it came from
     for spec in cfg.train:
         for row in load_dataset_rows(spec, cfg, counts):
             key = Q.question_key(row["question"], row["choices"])
             if key in train_keys:  # the same question in two training datasets
                 counts["duplicate"] += 1
                 continue
+            # Later stages key the pool by id: two questions under one id would be judged
+            # against each other's gold.
+            if row["id"] in owner:
+                raise Q.DataError(f"prepare.train: id {row['id']} is used by two different questions, in datasets "
+                                  f"{owner[row['id']]} and {spec.name} (ids must be unique across the training pool; "
+                                  "give the datasets different names)")
+            owner[row["id"]] = spec.name
             train_keys.add(key)
             train.append(row)
     if cfg.decontaminate:
@@ -177,16 +188,20 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.train:  # eval sets alone write no train split, rather than an empty one generate would refuse
         stats["train"] = dict(counts)
     splits = {"train": train, **eval_rows} if cfg.train else eval_rows
-    for name, rows in splits.items():
-        if cfg.limit is not None and len(rows) > cfg.limit:
-            stats[name]["over_limit"] = stats[name].get("over_limit", 0) + len(rows) - cfg.limit
-            rows = rows[: cfg.limit]
-        stats[name]["kept"] = len(rows)
-        write_shards(cfg.out_dir / name, rows, Q.QUESTION_SCHEMA, {"stage": "prepare", "split": name, **config},
-                     shard_size=cfg.shard_size)
-        s = stats[name]
-        log.info("%s: read %d, kept %d, bad %d, duplicate %d, over limit %d%s -> %s",
-                 name, s.get("read", 0), s["kept"], s.get("bad", 0), s.get("duplicate", 0), s.get("over_limit", 0),
-                 f", contaminated {s['contaminated']}" if "contaminated" in s else "", cfg.out_dir / name)
-    atomic_write_json(cfg.out_dir / "stats.json", {"splits": stats, "config": config})
+    # Every split and stats.json are written under temporary names first and take their places
+    # together at the end: a failure while writing leaves the previous output whole.
+    with replacing_all([cfg.out_dir / name for name in splits] + [cfg.out_dir / STATS]) as tmps:
+        for (name, rows), tmp in zip(splits.items(), tmps):
+            if cfg.limit is not None and len(rows) > cfg.limit:
+                stats[name]["over_limit"] = stats[name].get("over_limit", 0) + len(rows) - cfg.limit
+                rows = rows[: cfg.limit]
+            stats[name]["kept"] = len(rows)
+            write_shards(tmp, rows, Q.QUESTION_SCHEMA, {"stage": "prepare", "split": name, **config},
+                         shard_size=cfg.shard_size)
+            s = stats[name]
+            log.info("%s: read %d, kept %d, bad %d, duplicate %d, over limit %d%s -> %s",
+                     name, s.get("read", 0), s["kept"], s.get("bad", 0), s.get("duplicate", 0),
+                     s.get("over_limit", 0), f", contaminated {s['contaminated']}" if "contaminated" in s else "",
+                     cfg.out_dir / name)
+        atomic_write_json(tmps[-1], {"splits": stats, "config": config})
     return stats

@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline.config import check, to_dict
 from pipeline.metrics import GROUPS, paired_comparison, read_model_metrics
-from pipeline.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_rows
+from pipeline.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_rows, replacing_all
 from stages.cli import field
 
 log = logging.getLogger("mind.report")
@@ -61,6 +61,8 @@ class ReportConfig:
         check(self.bootstrap_resamples >= 100, "report.bootstrap_resamples must be >= 100")
         check(self.summary.suffix == ".md", f"report.summary must be a .md file, got {self.summary}")
         check(self.plot.suffix == ".png", f"report.plot must be a .png file, got {self.plot}")
+        outputs = [self.summary, self.plot, self.paired_metrics]
+        check(len(set(outputs)) == len(outputs), f"report: summary, plot and paired_metrics must differ, got {outputs}")
 
 
 def load_all(cfg: ReportConfig) -> dict[str, dict[str, Any]]:
@@ -310,9 +312,13 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         text += "\n" + ablations
     if paired:
         text += "\n" + paired_markdown(paired, cfg.bootstrap_resamples, cfg.seed)
-    atomic_write_json(cfg.paired_metrics, paired)
     config_note = "\n".join(f"- `{k}`: `{v}`" for k, v in to_dict(cfg).items())
-    atomic_write_text(cfg.summary, f"{text}\nReport config:\n\n{config_note}\n")
-    atomic_write_bytes(cfg.plot, accuracy_png(all_metrics))
+    png = accuracy_png(all_metrics)
+    # The three outputs describe one set of metrics: each is written under a temporary name and
+    # they are renamed together, so a failure leaves the previous three, not a mix.
+    with replacing_all([cfg.paired_metrics, cfg.summary, cfg.plot]) as (paired_tmp, summary_tmp, plot_tmp):
+        atomic_write_json(paired_tmp, paired)
+        atomic_write_text(summary_tmp, f"{text}\nReport config:\n\n{config_note}\n")
+        atomic_write_bytes(plot_tmp, png)
     log.info("wrote %s and %s (%d models: %s)", cfg.summary, cfg.plot, len(all_metrics), ", ".join(all_metrics))
     return all_metrics
