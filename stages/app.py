@@ -14,14 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import typer
-import yaml
+import io
 
-from pipeline.config import ConfigError, deep_merge, from_dict
+import typer
+from ruamel.yaml import YAML
+
+from pipeline.config import ConfigError, from_dict
 from pipeline.shards import atomic_write_text
 from stages import analyze, distill, evaluate, generate, models, prepare, report
 from stages import filter as filter_stage
-from stages.cli import command, read_params, section_of
+from stages.cli import command, fail, parse_yaml, read_params, section_of
 
 CONFIGS: dict[str, type] = {
     "models": models.ModelsConfig, "prepare": prepare.PrepareConfig, "generate": generate.GenerateConfig,
@@ -91,15 +93,76 @@ def params_override(
 
         mind params configs/paper.yaml
     """
-    log = logging.getLogger("mind")
     try:
-        merged = deep_merge(read_params(params), read_params(override, "params override"))
-        validate_params(merged, str(override))
-    except ConfigError as e:
-        log.error("params: %s", e)
-        raise SystemExit(2) from None
-    atomic_write_text(params, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
-    log.info("merged %s into %s", override, params)
+        read_params(params)  # each file on its own first: errors name the file that has them
+        read_params(override, "params override")
+        text = merged_text(params.read_text(encoding="utf-8"), override.read_text(encoding="utf-8"))
+        # What is validated is the very text that will be written.
+        validate_params(parse_yaml(text, str(override)) or {}, str(override))
+        atomic_write_text(params, text)
+    except (ValueError, OSError) as e:
+        fail("params", e)
+    logging.getLogger("mind").info("merged %s into %s", override, params)
+
+
+def _round_trip() -> YAML:
+    """A YAML reader/writer that keeps comments, key order, quoting and flow style, laid out
+    like params.yaml (two-space mappings, list items indented under their key)."""
+    rt = YAML()  # round-trip mode
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.width = 4096  # never re-wrap a long line or comment
+    rt.preserve_quotes = True
+    # ruamel writes a null as an empty value; params.yaml spells it out.
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def merged_text(params_text: str, override_text: str) -> str:
+    """``params_text`` with ``override_text`` merged in (mappings key by key, lists and scalars
+    replaced: ``pipeline.config.deep_merge``'s rule), as YAML text that
+    keeps both files' comments: only the keys the override sets change. Both texts must
+    already have passed ``read_params`` (valid YAML mappings without duplicate keys)."""
+    rt = _round_trip()
+    base = rt.load(params_text)
+    extra = rt.load(override_text)
+    if base is None:
+        base = extra
+    elif extra is not None:
+        _merge_into(base, extra)
+    buf = io.StringIO()
+    if base is not None:
+        rt.dump(base, buf)
+    return buf.getvalue()
+
+
+def _merge_into(base: Any, override: Any) -> None:
+    """``deep_merge`` in place on round-trip mappings: the override's own nodes replace the
+    base's, key by key, and a comment on an overriding line replaces the base line's (which
+    explained the old value)."""
+    for key, value in override.items():
+        if key in base and isinstance(base[key], dict) and isinstance(value, dict):
+            _merge_into(base[key], value)
+            continue
+        base[key] = value
+        _take_line_comment(base, override, key)
+
+
+def _take_line_comment(base: Any, override: Any, key: Any) -> None:
+    """The override's end-of-line comment on ``key`` replaces the base's; the blank lines and
+    comment lines that follow the base's line (ruamel keeps them in the same token) stay."""
+    theirs = override.ca.items.get(key, [None] * 4)[2]
+    if theirs is None or not theirs.value.lstrip(" ").startswith("#"):
+        return
+    comment = theirs.value.split("\n", 1)[0]
+    ours = base.ca.items.get(key, [None] * 4)[2]
+    if ours is None:
+        rest = "\n"
+    elif ours.value.lstrip(" ").startswith("#"):
+        rest = "\n" + ours.value.split("\n", 1)[1]
+    else:  # no comment of its own: the token is the line's end and the blank lines after it
+        rest = ours.value.lstrip(" ")
+    theirs.value = comment + rest  # the override's token keeps the override's column
+    base.ca.items.setdefault(key, [None] * 4)[2] = theirs
 
 
 if __name__ == "__main__":
