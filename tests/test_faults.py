@@ -357,3 +357,321 @@ def test_finding7_empty_student_folder_says_run_distill(tmp_path: Path) -> None:
     assert (f"evaluate: student mind: no merged model or adapter in {tmp_path / 'students' / 'mind'} "
             "(run `mind distill --method mind`)") in errors[0]
     assert not (tmp_path / "eval").exists() and not (tmp_path / "m").exists()
+
+
+# ================================================================ bad input: one line, a counted skip, nothing lost
+
+
+def _write_params(path: Path, **sections: Any) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def cli_error(caplog: pytest.LogCaptureFixture, *args: str) -> str:
+    """The one error line of a command run in this process (faster than ``mind``): exit code 2,
+    no exception escaping, one logged error without a line break."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = runner.invoke(app, list(args))
+    assert result.exit_code == 2, (result.output, result.exception, caplog.text)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
+
+
+def _folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_malformed_values_are_bad_rows_never_a_silently_wrong_gold(tmp_path: Path) -> None:
+    f = tmp_path / "g.jsonl"
+    f.write_text("\n".join([
+        '{"q": "A comma as a decimal point?", "a": "1,5"}',
+        '{"q": "Commas in the wrong places?", "a": "12,34,5"}',
+        '{"q": "A gold past a float\'s precision?", "a": 9007199254740993.5}',
+        '{"q": "Thousands?", "a": "1,250.00"}',
+        '{"q": "\\u200b", "a": "1"}',
+        '{"q": "\\ufeff", "a": "1"}',
+        '{"q": "A null id?", "a": "2", "id": null}',
+        '{"q": "A lone surrogate \\ud83d?", "a": "3"}',
+    ]) + "\n")
+    svamp = tmp_path / "svamp.json"
+    svamp.write_text(json.dumps([{"ID": "s1", "Body": None, "Question": "How many?", "Answer": 3}]))
+    csqa = tmp_path / "csqa.jsonl"
+    csqa.write_text(json.dumps({"id": "c1", "answerKey": "A", "question": {
+        "stem": "Which?", "choices": [{"label": "A", "text": None}, {"label": "B", "text": "b"}]}}) + "\n"
+        + json.dumps({"id": "c2", "answerKey": "A", "question": {"stem": "Which?", "choices": ["a", "b"]}}) + "\n")
+    strategy = tmp_path / "strategyqa.json"
+    strategy.write_text(json.dumps({"examples": [{"input": "Yes?", "target_scores": {"Yes": "1", "No": "0"}},
+                                                 {"input": "No?", "target_scores": {"Yes": None, "No": 1}}]}))
+    fields = {"question": "q", "answer": "a", "id": "id"}
+    got = [Q.normalise(r, "g", "number", "generic") if isinstance(r, Q.RawQuestion) else r
+           for r in Q.load_generic(f, {"question": "q", "answer": "a"})]
+    assert [str(r) if isinstance(r, Q.BadRow) else r["answer"] for r in got] == [
+        f"{f}:1: answer: not a number: '1,5'", f"{f}:2: answer: not a number: '12,34,5'",
+        "9007199254740993.5", "1250", f"{f}:5: question: empty question", f"{f}:6: question: empty question",
+        "2", f"{f}:8: question: lone surrogate U+D83D (not encodable as UTF-8)"]
+    null_id = list(Q.load_generic(f, fields))[6]
+    assert str(null_id) == f"{f}:7: id: expected a string or an integer id, got null"
+    assert str(next(Q.load_svamp(svamp))) == f"{svamp}:record 0: Body: expected a string, got null"
+    assert [str(r) for r in Q.load_csqa(csqa)] == [
+        f"{csqa}:1: question.choices.0.text: expected a string, got null",
+        f"{csqa}:2: question.choices.0: expected a mapping with label and text, got a string: 'a'"]
+    assert [str(r) for r in Q.load_strategyqa(strategy)] == [
+        f"{strategy}:record 0: target_scores.Yes: expected a number, got a string: '1'",
+        f"{strategy}:record 1: target_scores.Yes: expected a number, got null"]
+
+    cfg = from_dict(PrepareConfig, {"train": [{"name": "g", "format": "generic", "path": str(f),
+                                               "answer_type": "number", "fields": {"question": "q", "answer": "a"}}],
+                                    "out_dir": str(tmp_path / "prep"), "on_bad_row": "skip"})
+    stats = prepare_run(cfg)["train"]
+    assert stats["read"] == 8 and stats["bad"] == 5 and stats["kept"] == 3
+    assert stats["bad:answer"] == 2 and stats["bad:question"] == 3
+
+
+def test_ids_are_unique_across_the_training_pool_and_where_filter_keys_by_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = tmp_path / "a" / "x.json"
+    a.write_text(json.dumps([{"q": "1+1?", "a": 2, "id": 1}, {"q": "2+2?", "a": 4, "id": 2}]))
+    b = tmp_path / "b" / "x.json"
+    b.write_text(json.dumps([{"q": "3+3?", "a": 6, "id": 2}]))
+    spec = {"name": "pool", "format": "generic", "answer_type": "number", "fields": {"question": "q", "answer": "a", "id": "id"}}
+    params = _write_params(tmp_path / "p.yaml", prepare={
+        "train": [{**spec, "path": str(a)}, {**spec, "path": str(b)}], "out_dir": str(tmp_path / "prep")})
+    line = cli_error(caplog, "prepare", "--params", str(params))
+    assert "prepare: prepare.train: id pool-2 is used by two different questions, in datasets pool and pool" in line
+    assert not (tmp_path / "prep").exists()
+
+    from stages.filter import load_questions
+
+    rows = [{"id": "q1", "task": "t", "question": f"What is {i}?", "answer": str(i), "answer_type": "number",
+             "choices": [], "source": "test"} for i in (1, 2)]
+    write_shards(tmp_path / "questions", rows, QUESTION_SCHEMA, {})
+    with pytest.raises(ShardError, match=r"questions: question id 'q1' is used by two questions"):
+        load_questions(tmp_path / "questions")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "stats.json", "a/b", ".hidden", "x" * 101])
+def test_a_dataset_name_that_is_not_a_plain_name_is_refused_and_nothing_is_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    out = tmp_path / "root" / "prep"
+    params = _write_params(tmp_path / "p.yaml", prepare={
+        "train": [{"name": "e", "format": "embedded"}], "embedded_train_size": 20, "embedded_eval_size": 5,
+        "eval": [{"name": name, "format": "embedded", "split": "eval"}], "out_dir": str(out)})
+    line = cli_error(caplog, "prepare", "--params", str(params))
+    assert "must be a plain name" in line and len(line) < 400
+    assert not (tmp_path / "root").exists()
+
+
+def _damaged_manifest(tmp_path: Path, change: Any) -> Path:
+    out = tmp_path / "out"
+    write_shards(out, [{"id": str(i)} for i in range(10)], pa.schema([("id", pa.string())]), {}, shard_size=4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(change(manifest, out)))
+    return out
+
+
+def _extra_shard(m: dict[str, Any], out: Path) -> dict[str, Any]:
+    (out / "shard-00003.arrow").write_bytes((out / "shard-00000.arrow").read_bytes())
+    return m
+
+
+def _lying_rows(m: dict[str, Any], out: Path) -> dict[str, Any]:
+    return {**m, "num_rows": 8}
+
+
+def _no_sha256(m: dict[str, Any], out: Path) -> dict[str, Any]:
+    del m["shards"][1]["sha256"]
+    return m
+
+
+def _escape(m: dict[str, Any], out: Path) -> dict[str, Any]:
+    m["shards"][0]["file"] = "../../x"
+    return m
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_extra_shard, r"out: shard shard-00003.arrow is not listed in the manifest"),
+    (_lying_rows, r"manifest.json: num_rows 8, but its shards hold 10"),
+    (_no_sha256, r"manifest.json: shard shard-00001.arrow: sha256 None is not a sha256 digest"),
+    (_escape, r"manifest.json: shards\[0\].file: '../../x' is not a shard file name"),
+    (lambda m, out: m["shards"], r"manifest.json: expected a JSON object, got a list"),
+], ids=["extra-shard", "wrong-num-rows", "missing-sha256", "path-outside", "a-list"])
+def test_a_manifest_is_the_complete_listing_of_its_folder(tmp_path: Path, change: Any, message: str) -> None:
+    out = _damaged_manifest(tmp_path, change)
+    with pytest.raises(ShardError, match=message):
+        read_table(out)
+
+
+def test_a_failure_while_writing_leaves_the_previous_output_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline import shards
+    from stages import report
+
+    out = tmp_path / "prep"
+    section = {"train": [{"name": "e", "format": "embedded"}], "embedded_train_size": 20, "embedded_eval_size": 5,
+               "eval": [{"name": "held", "format": "embedded", "split": "eval"}], "out_dir": str(out)}
+    params = _write_params(tmp_path / "p.yaml", prepare=section)
+    assert runner.invoke(app, ["prepare", "--params", str(params)]).exit_code == 0
+    before = _folder_state(out)
+
+    write_table = shards._write_table
+    calls = {"n": 0}
+
+    def disk_full_on_the_second_split(path: Path, table: pa.Table) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", str(path))
+        write_table(path, table)
+
+    monkeypatch.setattr(shards, "_write_table", disk_full_on_the_second_split)
+    section["seed"] = 1
+    line = cli_error(caplog, "prepare", "--params", str(_write_params(tmp_path / "p.yaml", prepare=section)))
+    assert "No space left on device" in line and ".tmp-" in line
+    assert _folder_state(out) == before
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
+
+    # report: summary.md, paired.json and the plot are replaced together or not at all
+    monkeypatch.setattr(shards, "_write_table", write_table)
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for model, acc in (("base", 0.5), ("mind", 0.6)):
+        (metrics / f"{model}.json").write_text(json.dumps({
+            "id": {"d": {"n": 10, "correct": int(10 * acc), "accuracy": acc, "ci_low": 0.2, "ci_high": 0.8}},
+            "ood": {}, "avg": {"id": acc, "all": acc}}))
+    cfg = from_dict(report.ReportConfig, {
+        "metrics_dir": str(metrics), "summary": str(tmp_path / "r" / "summary.md"), "plot": str(tmp_path / "r" / "a.png"),
+        "paired_metrics": str(tmp_path / "r" / "paired.json"), "compare_to": [], "eval_dir": str(tmp_path / "eval")})
+    report.run(cfg)
+    before = _folder_state(tmp_path / "r")
+    (metrics / "mind.json").write_text((metrics / "mind.json").read_text().replace("0.6", "0.7"))
+    def disk_full(path: Path, data: bytes) -> None:  # the plot, written last
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "atomic_write_bytes", disk_full)
+    with pytest.raises(OSError):
+        report.run(cfg)
+    assert _folder_state(tmp_path / "r") == before
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["a.png", "paired.json", "summary.md"]
+
+
+def test_expected_os_failures_and_wrong_types_are_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "a-folder.jsonl"
+    folder.mkdir()
+    out = tmp_path / "prep"
+    line = cli_error(caplog, "prepare", "--params", str(_prepare_params(tmp_path / "p.yaml", folder, out)))
+    assert line.endswith(f"prepare: {folder}: Is a directory")
+
+    f = tmp_path / "g.jsonl"
+    f.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    real_open = open
+
+    def no_permission(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(f):
+            raise PermissionError(13, "Permission denied", str(f))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_permission)
+    line = cli_error(caplog, "prepare", "--params", str(_prepare_params(tmp_path / "p.yaml", f, out)))
+    assert line.endswith(f"prepare: {f}: Permission denied")
+    monkeypatch.undo()
+
+    for value, kind in ((None, "null"), ([1, 2], "a list")):
+        line = cli_error(caplog, "prepare", "--params", str(_write_params(tmp_path / "p.yaml", prepare={
+            "train": [{"name": "g", "format": "gsm8k", "path": str(f)}], "out_dir": value})))
+        assert f"prepare.out_dir: expected a path, got {kind}" in line
+
+    import datasets
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Couldn't reach 'org/set' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    line = cli_error(caplog, "prepare", "--params", str(_write_params(tmp_path / "p.yaml", prepare={
+        "train": [{"name": "h", "format": "hub", "path": "org/set", "answer_type": "number",
+                   "fields": {"question": "q", "answer": "a"}}], "out_dir": str(out)})))
+    assert "prepare: org/set[train]: Couldn't reach 'org/set' on the Hub (OfflineModeIsEnabled)" in line
+    monkeypatch.undo()
+
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"question": ' + "[" * 200_000 + "]" * 200_000 + ', "answer": "#### 1"}\n'
+                    '{"question": "1+1?", "answer": "#### 2"}\n')
+    line = cli_error(caplog, "prepare", "--params", str(_prepare_params(tmp_path / "p.yaml", deep, out)))
+    assert f"{deep}:1: <line>: unparseable JSON: nested too deeply" in line
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "base.json").write_text(json.dumps({
+        "id": {"d": {"n": 10, "correct": 5, "accuracy": None, "ci_low": 0.2, "ci_high": 0.8}}, "ood": {},
+        "avg": {"id": 0.5}}))
+    line = cli_error(caplog, "report", "--params", str(_write_params(tmp_path / "r.yaml", report={
+        "metrics_dir": str(metrics), "summary": str(tmp_path / "s.md"), "plot": str(tmp_path / "a.png"),
+        "paired_metrics": str(tmp_path / "p.json")})))
+    assert f"{metrics / 'base.json'}: id.d.accuracy must be a number, got null" in line
+
+
+def test_params_validation_checks_nested_keys_duplicates_and_finite_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    f = tmp_path / "g.json"
+    f.write_text("[]")
+    spec = {"name": "g", "format": "generic", "path": str(f), "answer_type": "number",
+            "fields": {"question": "q", "answer": "a", "idd": "id"}}
+    with pytest.raises(ConfigError, match=r"g: unknown key\(s\) \['idd'\] in fields"):
+        from_dict(PrepareConfig, {"train": [spec]})
+    with pytest.raises(ConfigError, match=r"generate.temperature: expected a finite number, got inf"):
+        validate_params({"generate": {"temperature": float("inf")}}, "p.yaml")
+    with pytest.raises(ConfigError, match=r"generate.engine: unknown parameter\(s\) \['dtyp'\]"):
+        validate_params({"generate": {"engine": {"dtyp": "auto"}}}, "p.yaml")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("prepare:\n  seed: 1\n  limit: 3\n  seed: 2\n")
+    line = cli_error(caplog, "prepare", "--params", str(dup))
+    assert f"{dup}: malformed YAML at line 4, column 3: duplicate key 'seed' (first at line 2)" in line
+
+    # `mind params` edits only the lines the override changes: every comment stays
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    override = tmp_path / "o.yaml"
+    override.write_text("report:\n  seed: 7  # a new seed\n")
+    assert runner.invoke(app, ["params", str(override), "--params", str(params)]).exit_code == 0
+    old, new = (REPO / "params.yaml").read_text().splitlines(), params.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(old, new) if a != b]
+    assert len(old) == len(new) and changed == [("  seed: 0", "  seed: 7  # a new seed")]
+
+
+def test_messages_name_physical_lines_read_bom_files_and_stay_short(tmp_path: Path) -> None:
+    import time
+
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_bytes("\ufeffq,a\n\"Two\nlines?\",2\n\"Bad\",1,5\nx,1\n".encode())
+    rows = list(Q.load_generic(csv_file, {"question": "q", "answer": "a"}))
+    assert isinstance(rows[0], Q.RawQuestion) and rows[0].question == "Two\nlines?" and rows[0].where == f"{csv_file}:2"
+    assert str(rows[1]) == f"{csv_file}:4: <row>: 3 fields, the header has 2"
+    assert rows[2].where == f"{csv_file}:5"  # type: ignore[union-attr]
+
+    big = "9" * 50_000_000
+    start = time.perf_counter()
+    bad = Q.normalise(Q.RawQuestion("f:1", "How many?", big), "t", "number", "x")
+    huge = Q.normalise(Q.RawQuestion("f:2", "How many?", "1e999999"), "t", "number", "x")
+    assert time.perf_counter() - start < 1
+    assert isinstance(bad, Q.BadRow) and len(str(bad)) < 200
+    assert str(huge) == "f:2: answer: not a number: '1e999999'"
+
+    out = tmp_path / "out"
+    write_shards(out, [{"id": "a"}] * 3, pa.schema([("id", pa.string())]), {}, shard_size=2)
+    write_shards(tmp_path / "other", [{"id": 1}], pa.schema([("id", pa.int64())]), {})
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "shard-00001.arrow").write_bytes((tmp_path / "other" / "shard-00000.arrow").read_bytes())
+    manifest["shards"][1] = {**json.loads((tmp_path / "other" / "manifest.json").read_text())["shards"][0],
+                             "file": "shard-00001.arrow"}
+    manifest["num_rows"] = 3
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=rf"{out}: shard shard-00001.arrow has schema .*int64.*, shard shard-00000"):
+        read_table(out)
