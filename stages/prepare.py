@@ -12,7 +12,6 @@ plus ``data/prepared/stats.json`` (rows read, kept, bad, duplicate, contaminated
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -70,7 +69,7 @@ class PrepareConfig:
     train: list[DatasetSpec] = field(help="datasets pooled into the training split", factory=list)
     eval: list[DatasetSpec] = field(help="eval datasets, one output folder each", factory=list)
     out_dir: Path = field(Path("data/prepared"), help="output root")
-    shared_dir: str = field("../shared/data", help="reference data folder for '{shared}' paths; $MIND_SHARED_DATA wins")
+    shared_dir: str = field("../shared/data", help="reference data folder for '{shared}' paths (a DVC dep of prepare)")
     on_bad_row: Literal["error", "skip"] = field("error", help="stop at the first bad row, or skip and count it")
     shuffle: bool = field(True, help="seeded shuffle of each dataset before its limit")
     seed: int = field(0, help="shuffle seed")
@@ -91,14 +90,16 @@ class PrepareConfig:
         check(self.shard_size > 0, "prepare.shard_size must be positive")
 
 
-def _source(spec: DatasetSpec, cfg: PrepareConfig) -> Path:
-    """The dataset's file, with ``{shared}`` resolved (a Hub id for format hub)."""
-    shared = os.environ.get("MIND_SHARED_DATA", cfg.shared_dir)
-    return Path(spec.path.replace("{shared}", shared)) if spec.path else Path()
+def source_path(spec: DatasetSpec, cfg: PrepareConfig) -> Path:
+    """The dataset's file, with ``{shared}`` resolved (a Hub id for format hub).
+
+    The shared folder comes from the params only, never the environment: dvc.yaml depends on
+    ``${prepare.shared_dir}``, and DVC could not see a folder chosen elsewhere."""
+    return Path(spec.path.replace("{shared}", cfg.shared_dir)) if spec.path else Path()
 
 
 def _read(spec: DatasetSpec, cfg: PrepareConfig) -> Iterator[Q.RawQuestion | Q.BadRow]:
-    path = _source(spec, cfg)
+    path = source_path(spec, cfg)
     if spec.format not in ("embedded", "hub") and not path.exists():
         raise FileNotFoundError(f"{spec.name}: {path} not found")
     if spec.format == "embedded":
@@ -141,7 +142,7 @@ def load_dataset_rows(spec: DatasetSpec, cfg: PrepareConfig, counts: Counter[str
         ids.add(row["id"])
         rows.append(row)
     if read == 0:  # an empty file would otherwise become a 0-row split that only a later stage refuses
-        where = _source(spec, cfg) if spec.format != "embedded" else f"embedded[{spec.split}]"
+        where = source_path(spec, cfg) if spec.format != "embedded" else f"embedded[{spec.split}]"
         raise Q.DataError(f"{spec.name}: {where} holds no records")
     if cfg.shuffle:
         random.Random(f"{cfg.seed}:{spec.name}").shuffle(rows)
