@@ -31,8 +31,8 @@ Group = Literal["id", "ood"]
 GROUPS: tuple[Group, ...] = ("id", "ood")
 Z95 = 1.959963984540054  # the 97.5% standard-normal quantile
 
-# Prediction shards (data/eval/<model>/<dataset>/). The first seven columns are the DESIGN.md
-# contract; the others let every metric be recomputed from the shards alone.
+# Prediction shards (data/eval/<model>/<dataset>/). The first seven columns are what a reader
+# of the predictions needs; the others let every metric be recomputed from the shards alone.
 PREDICTION_SCHEMA = pa.schema(
     [
         ("model", pa.string()),

@@ -200,7 +200,7 @@ def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_llm: Any, embed
     check_metrics_file(tmp_path / "metrics" / "base.json", GROUPS, {k: len(v) for k, v in QUESTIONS.items()})
     table = read_table(tmp_path / "eval" / "base" / "arith")
     assert table.schema.equals(PREDICTION_SCHEMA)
-    import datasets  # the shards load with the datasets library, as DESIGN.md promises
+    import datasets  # the shards load with the datasets library, as the README says
 
     shard = tmp_path / "eval" / "base" / "arith" / "shard-00000.arrow"
     assert datasets.Dataset.from_file(str(shard)).num_rows == 2
