@@ -7,12 +7,14 @@ A stage output folder holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (A
 Every file is written under a temporary name and renamed into place, so a crash never
 leaves a half-written shard under a final name. A whole output (a shard folder, a set of
 report files) is built the same way beside the old one by ``replacing`` and swapped in at
-the end: a failure at any point leaves the previous output whole and no temporary behind. Resumable writers (``generate``) keep the
-complete shards of an interrupted run when the run's config hash is unchanged: the hash
-is recorded in ``_run.json`` when the run starts, before any shard, and each shard's row
-count and sha256 are added to it as soon as the shard is complete. On resume a shard is
-kept only if its bytes still match that record; a changed, truncated or unrecorded shard
-is deleted (and logged) so that its rows are generated again.
+the end: a failure at any point leaves the previous output whole and no temporary behind.
+
+Resumable writers (``generate``) keep the complete shards of an interrupted run when the
+run's config hash is unchanged: the hash is recorded in ``_run.json`` when the run starts,
+before any shard, and each shard's row count and sha256 are added to it as soon as the
+shard is complete. On resume a shard is kept only if its bytes still match that record; a
+changed, truncated or unrecorded shard is deleted (and logged) so that its rows are
+generated again.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from pipeline.engine import EngineConfig, close_engine, engine_generate, open_en
 from pipeline.metrics import PREDICTION_SCHEMA, Group, dataset_metrics, model_metrics
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
 from pipeline.questions import format_question
-from pipeline.shards import atomic_write_json, clear_dir, read_rows, write_shards
+from pipeline.shards import atomic_write_json, check_name, clear_dir, read_rows, write_shards
 from stages.cli import field
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class EvalDataset:
     limit: int | None = None  # the first `limit` questions (prepare already shuffled them, seeded)
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, f"eval dataset name {self.name!r} must be a plain folder name")
+        check_name(self.name, "eval dataset name")  # a folder under prepared_dir and under out_dir/<model>
         check(self.limit is None or self.limit > 0, f"{self.name}: limit must be positive")
 
 
@@ -92,7 +92,7 @@ class EvaluateConfig:
     shard_size: int = field(5000, help="rows per prediction shard")
 
     def __post_init__(self) -> None:
-        check(bool(self.model) and "/" not in self.model, f"evaluate.model {self.model!r} must be a plain name")
+        check_name(self.model, "evaluate.model")  # a folder under out_dir, a file name under metrics_dir
         check(bool(self.datasets), "evaluate.datasets: at least one eval split is needed")
         names = [d.name for d in self.datasets]
         check(len(names) == len(set(names)), f"evaluate.datasets: duplicate names {names}")

@@ -206,10 +206,11 @@ def load_rationales(rationales_dir: Path, questions: dict[str, dict[str, Any]]) 
     for i, row in enumerate(rows):
         for name, value in row.items():
             if value is None:
-                raise ValueError(f"{rationales_dir}: row {i} (question {row['question_id']!r}): field {name} is null")
+                raise ValueError(
+                    f"{rationales_dir}: row {i} (question {shown(row['question_id'])}): field {name} is null")
         if row["question_id"] not in questions:
             raise ValueError(
-                f"{rationales_dir}: row {i}: field question_id {row['question_id']!r} is not a question "
+                f"{rationales_dir}: row {i}: field question_id {shown(row['question_id'])} is not a question "
                 "of the questions folder (were the rationales generated from another prepare run?)"
             )
     return rows

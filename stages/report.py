@@ -28,7 +28,8 @@ from typing import Any
 
 from pipeline.config import check, to_dict
 from pipeline.metrics import GROUPS, paired_comparison, read_model_metrics
-from pipeline.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_rows, replacing_all
+from pipeline.shards import (ShardError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_rows,
+                             replacing_all)
 from stages.cli import field
 
 log = logging.getLogger("mind.report")
@@ -188,7 +189,11 @@ def load_outcomes(eval_dir: Path, model: str, dataset: str) -> dict[str, bool]:
     folder = eval_dir / model / dataset
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no prediction shards for the paired comparison (run `mind evaluate --model {model}`)")
-    return {r["id"]: bool(r["correct"]) for r in read_rows(folder)}
+    rows = read_rows(folder)
+    outcomes = {r["id"]: bool(r["correct"]) for r in rows}
+    if len(outcomes) != len(rows):  # pairs are matched by id: a repeated id would pair the wrong answers
+        raise ShardError(f"{folder}: {len(rows) - len(outcomes)} question id(s) appear more than once")
+    return outcomes
 
 
 def paired_comparisons(all_metrics: dict[str, dict[str, Any]], cfg: ReportConfig) -> dict[str, dict[str, Any]]:

@@ -438,7 +438,8 @@ def test_ids_are_unique_across_the_training_pool_and_where_filter_keys_by_them(
     a.write_text(json.dumps([{"q": "1+1?", "a": 2, "id": 1}, {"q": "2+2?", "a": 4, "id": 2}]))
     b = tmp_path / "b" / "x.json"
     b.write_text(json.dumps([{"q": "3+3?", "a": 6, "id": 2}]))
-    spec = {"name": "pool", "format": "generic", "answer_type": "number", "fields": {"question": "q", "answer": "a", "id": "id"}}
+    spec = {"name": "pool", "format": "generic", "answer_type": "number",
+            "fields": {"question": "q", "answer": "a", "id": "id"}}
     params = _write_params(tmp_path / "p.yaml", prepare={
         "train": [{**spec, "path": str(a)}, {**spec, "path": str(b)}], "out_dir": str(tmp_path / "prep")})
     line = cli_error(caplog, "prepare", "--params", str(params))
@@ -545,7 +546,8 @@ def test_a_failure_while_writing_leaves_the_previous_output_whole(
             "id": {"d": {"n": 10, "correct": int(10 * acc), "accuracy": acc, "ci_low": 0.2, "ci_high": 0.8}},
             "ood": {}, "avg": {"id": acc, "all": acc}}))
     cfg = from_dict(report.ReportConfig, {
-        "metrics_dir": str(metrics), "summary": str(tmp_path / "r" / "summary.md"), "plot": str(tmp_path / "r" / "a.png"),
+        "metrics_dir": str(metrics), "summary": str(tmp_path / "r" / "summary.md"),
+        "plot": str(tmp_path / "r" / "a.png"),
         "paired_metrics": str(tmp_path / "r" / "paired.json"), "compare_to": [], "eval_dir": str(tmp_path / "eval")})
     report.run(cfg)
     before = _folder_state(tmp_path / "r")
