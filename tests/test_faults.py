@@ -1,7 +1,8 @@
 """Fault injection: what a new user's mistakes and a damaged disk do to the pipeline.
 
-One named case per finding of issue 13. Each checks the message a user sees, the exit
-code, and that nothing was lost or silently accepted.
+The ``test_finding<N>_`` cases come from a first probe, one per finding; the cases after
+them from a wider one, one per class of bad input. Each checks the message a user sees, the
+exit code, and that nothing was lost, written elsewhere or silently accepted.
 """
 
 from __future__ import annotations
