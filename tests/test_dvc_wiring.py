@@ -33,12 +33,12 @@ from stages.app import CONFIGS, app, validate_params
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 ENTRY = "stages.app"  # `mind`: every stage's command runs through it
+METHODS: list[str] = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["distill"]["foreach"]
 
-# Path params no stage graph can track, and why. Each entry is a gap, not a design.
-UNTRACKED = {
-    # shared by every distill entry (DVC refuses one out in several stages); its file is keyed by
-    # the encoder's path, not its content: a new encoder at the same path reuses stale vectors
-    "distill.embedding_cache": "TA embedding cache",
+# Path params dvc.yaml does not track, and why. Each entry is a gap, not a design.
+UNTRACKED: dict[str, str] = {
+    "distill.embedding_cache": "the TA's embedding cache: one folder for every distill entry (DVC refuses one out "
+                               "in several stages), its file keyed by the encoder's path, not its content",
 }
 
 
@@ -179,7 +179,7 @@ def untracked_paths(stages: dict[str, Wiring], params: dict[str, Any]) -> list[s
     each entry reads or writes its own folder under it)."""
     configs = validate_params(params, "params.yaml")
     roots = project_roots(params)
-    missing = []
+    missing: list[str] = []
     for stage in stages.values():
         group = [p for s in stages.values() if s.section == stage.section for p in (*s.deps, *s.outs)]
         for name, path in path_params(stage.section, configs[stage.section], roots).items():
@@ -234,7 +234,7 @@ def default_stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Wiring
 
 
 def test_every_stage_depends_on_exactly_the_project_modules_it_runs(default_stages: dict[str, Wiring]) -> None:
-    wrong = {}
+    wrong: dict[str, dict[str, list[str]]] = {}
     for stage in default_stages.values():
         listed = {d for d in stage.deps if d.split(os.sep)[0] in PACKAGES and d.endswith(".py")}
         expected = code_deps(stage.section)
@@ -247,7 +247,7 @@ def test_every_stage_lists_exactly_the_params_its_config_reads(default_stages: d
     """Every field of the stage's config, less those its command line sets (`--method ${item}`)
     and those a `foreach` reads (they choose which stages exist, not what one computes)."""
     selectors = foreach_params()
-    wrong = {}
+    wrong: dict[str, dict[str, list[str]]] = {}
     for stage in default_stages.values():
         fields = {f"{stage.section}.{f.name}" for f in dataclasses.fields(CONFIGS[stage.section])}
         expected = {p for p in fields if p.split(".")[1] not in stage.options} - selectors
@@ -284,7 +284,7 @@ def test_the_paper_override_wires_its_own_models(tmp_path: Path) -> None:
     default_student = _norm(load_params()["distill"]["student"])
     assert student != default_student  # the override changes the student: what this test is about
     distills = [s for s in stages.values() if s.section == "distill"]
-    assert len(distills) == 4 + len(params["distill"]["ablations"])
+    assert len(distills) == len(METHODS) + len(params["distill"]["ablations"])
     for stage in distills:
         assert {student, _norm(params["distill"]["encoder"])} <= set(stage.deps), stage.name
         assert default_student not in stage.deps, stage.name
@@ -373,8 +373,6 @@ def _status_after(committed: Path, tmp: Path, change: Any) -> set[str]:
 def test_the_placeholder_project_is_clean(committed_project: Path, tmp_path: Path) -> None:
     assert _status_after(committed_project, tmp_path, lambda repo: None) == set()
 
-
-METHODS = ["single", "uniform", "mcc", "mind"]
 
 
 def test_changing_the_student_reruns_exactly_the_stages_that_read_it(committed_project: Path, tmp_path: Path) -> None:
