@@ -7,12 +7,20 @@ how it changes, so each rule is testable without a training loop:
   table ``L̄`` (one entry per rationale) and the clock of each rationale's last visit;
 - ``inertia_update``: the smoothing rule for ``L̄`` (below);
 - ``update_ema``: that rule applied to one micro-batch, gathered over processes;
-- ``Fdic.warmup_step`` / ``Fdic.joint_micro``: the two phases' TA updates. Warm-up: the TA
-  steps every micro-batch with ``lr`` while the student is frozen. Joint: the TA's meta loss is
-  accumulated over ``accum_steps`` student micro-batches, then it steps with ``joint_lr``.
-  Which micro-batches step is a function of the micro-batch index, so a resumed run steps
-  the TA where an uninterrupted one does; the pending gradients travel in the checkpoint
-  (``pending_grads``).
+- ``Fdic.fit``: one TA step. The TA re-fits the whole inertia table: ``updates`` full-batch
+  AdamW steps of the ListNet-KL meta loss over every question with at least two smoothed
+  losses, not one gradient step on the latest micro-batch. Warm-up: a TA step after every
+  micro-batch, at ``lr``, while the student is frozen. Joint: a TA step after every
+  ``accum_steps``-th student micro-batch, at ``joint_lr``. Which micro-batches step is a
+  function of the micro-batch index, so a resumed run steps the TA where an uninterrupted one
+  does.
+
+Why a re-fit of the table. The TA must fit its target, s ≈ −L̄ + const, or α stays uniform
+and ``mind`` trains like ``mcc``. One gradient step per window gave the TA 10 optimizer steps in
+a 24-step run: its scores reached a quarter of the scale of −L̄ and α kept 99 % of its entropy.
+The table holds every smoothed loss seen so far (no extra student forward pass), so each TA
+step can afford many updates; "slow" stays what FDIC means by it: the TA follows ``L̄``, the
+inertia-filtered losses, and steps at a lower rate in the joint phase.
 
 Inertia, the choice made here. ``L̄`` forgets per *student optimizer step*, not per visit:
 
@@ -44,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.losses import listnet_kl
 from pipeline.ta import TeachingAssistant
 
 # The TA's dropout generator is seeded away from its initialisation seed.
@@ -60,15 +69,19 @@ class FdicConfig:
     lr: float  # warm-up
     joint_lr: float  # joint phase (much smaller than lr)
     accum_steps: int  # joint phase: a TA step every this many student micro-batches
+    updates: int  # AdamW steps per TA step, each over the whole inertia table
     mu: float  # inertia per student optimizer step (0: instantaneous loss)
+    tau: float  # temperature of the ListNet-KL meta loss
     seed: int
 
     def __post_init__(self) -> None:
-        if self.hidden_dim % self.num_heads or self.score_heads < 1:
-            raise ValueError(f"FDIC: hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads}, "
-                             f"score_heads {self.score_heads} >= 1")
-        if not (self.lr > 0 and self.joint_lr > 0 and self.accum_steps >= 1 and 0.0 <= self.mu < 1.0):
-            raise ValueError("FDIC: learning rates must be positive, accum_steps >= 1, mu in [0, 1)")
+        if self.num_heads < 1 or self.hidden_dim % self.num_heads or self.score_heads < 1:
+            raise ValueError(f"FDIC: hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads} "
+                             f"(>= 1), score_heads {self.score_heads} >= 1")
+        if not (self.lr > 0 and self.joint_lr > 0 and self.accum_steps >= 1 and self.updates >= 1
+                and 0.0 <= self.mu < 1.0 and self.tau > 0 and 0.0 <= self.dropout < 1.0):
+            raise ValueError("FDIC: learning rates and tau must be positive, accum_steps and updates >= 1, "
+                             "mu and dropout in [0, 1)")
 
 
 def half_life_steps(mu: float) -> float:
@@ -103,14 +116,15 @@ def inertia_update(ema: Tensor, seen_at: Tensor, ids: Tensor, losses: Tensor, cl
 @dataclass
 class Fdic:
     """MIND's Teaching Assistant state. Every process holds a full, identical copy (the TA is not
-    wrapped by accelerate), except the pending joint-phase gradients, which are per process
-    until a TA step averages them."""
+    wrapped by accelerate; the inertia table is gathered over processes, and a TA step averages
+    its gradients)."""
 
     cfg: FdicConfig
     ta: TeachingAssistant
     opt: torch.optim.Optimizer
     rng: torch.Generator  # the TA's dropout masks
     emb: Tensor  # [paths, 2·d] frozen encoder embeddings
+    questions: Tensor  # [questions, K] path ids of each question (-1: padding)
     ema: Tensor  # [paths] L̄, NaN until the first visit
     seen_at: Tensor  # [paths] student step of the last visit, -1 until the first
 
@@ -128,47 +142,48 @@ class Fdic:
         grid[m] = self.ema[path_ids.to(dev)[m]]
         return grid
 
-    def set_lr(self, lr: float) -> None:
+    def table(self) -> tuple[Tensor, Tensor]:
+        """(path ids ``[Q', K]``, mask ``[Q', K]``) of the questions with at least two smoothed
+        losses: what a TA step fits. The mask keeps only the paths already seen."""
+        ids = self.questions
+        seen = (ids >= 0) & (self.seen_at[ids.clamp_min(0)] >= 0)
+        rows = seen.sum(dim=1) >= 2
+        return ids[rows], seen[rows]
+
+    def fit(self, lr: float, average: Callable[[Tensor], Tensor] | None) -> float | None:
+        """One TA step: ``updates`` AdamW steps at ``lr`` of the meta loss over the whole table
+        (gradients averaged over processes by ``average``; None for one process). Returns the
+        last meta loss (None when no question has two smoothed losses yet)."""
+        ids, mask = self.table()
+        if len(ids) == 0:
+            return None
         for g in self.opt.param_groups:
             g["lr"] = lr
+        target = self.smoothed(ids, mask)
+        meta = torch.zeros(())
+        for _ in range(self.cfg.updates):
+            meta = listnet_kl(self.scores(ids, mask, train=True), target, mask.to(target.device), self.cfg.tau)
+            meta.backward()
+            if average is not None:
+                for p in self.ta.parameters():
+                    if p.grad is not None:
+                        p.grad = average(p.grad)
+            self.opt.step()
+            self.opt.zero_grad()
+        return float(meta.detach())
 
-    def step(self, average: Callable[[Tensor], Tensor] | None) -> None:
-        """Average the TA's gradients over processes (``average``; None for one process), step, clear."""
-        if average is not None:
-            for p in self.ta.parameters():
-                if p.grad is not None:
-                    p.grad = average(p.grad)
-        self.opt.step()
-        self.opt.zero_grad()
+    def warmup_step(self, average: Callable[[Tensor], Tensor] | None) -> float | None:
+        """Warm-up: a TA step after every micro-batch, at ``lr``."""
+        return self.fit(self.cfg.lr, average)
 
-    def warmup_step(self, meta: Tensor, average: Callable[[Tensor], Tensor] | None) -> None:
-        """Warm-up: one TA step per micro-batch (at ``lr``)."""
-        meta.backward()
-        self.step(average)
-
-    def start_joint(self) -> None:
-        """From the warm-up's ``lr`` to the joint phase's ``joint_lr``."""
-        self.set_lr(self.cfg.joint_lr)
-
-    def joint_micro(self, meta: Tensor, micro: int, average: Callable[[Tensor], Tensor] | None) -> bool:
-        """Accumulate joint-phase micro-batch ``micro`` (0-based, counted from the first joint
-        micro-batch); step after every ``accum_steps``-th. Returns whether the TA stepped."""
-        (meta / self.cfg.accum_steps).backward()
+    def joint_micro(self, micro: int, average: Callable[[Tensor], Tensor] | None) -> bool:
+        """Joint phase, after micro-batch ``micro`` (0-based, counted from the first joint
+        micro-batch): a TA step at ``joint_lr`` after every ``accum_steps``-th. Returns whether
+        the TA stepped."""
         if (micro + 1) % self.cfg.accum_steps:
             return False
-        self.step(average)
+        self.fit(self.cfg.joint_lr, average)
         return True
-
-    def pending_grads(self) -> list[Tensor | None]:
-        """Accumulated, not yet applied TA gradients (this process's), for a checkpoint."""
-        return [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.ta.parameters()]
-
-    def load_pending_grads(self, grads: list[Tensor | None]) -> None:
-        params = list(self.ta.parameters())
-        if len(grads) != len(params):
-            raise ValueError(f"{len(grads)} pending TA gradients for {len(params)} parameters")
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(p.device)
 
     def state_dict(self) -> dict[str, Any]:
         """The state every process shares: TA, optimiser, RNG and the inertia table."""
@@ -183,9 +198,10 @@ class Fdic:
         self.seen_at.copy_(state["seen_at"].to(self.seen_at.device))
 
 
-def build_fdic(emb: Tensor, cfg: FdicConfig, device: torch.device) -> Fdic:
+def build_fdic(emb: Tensor, questions: Tensor, cfg: FdicConfig, device: torch.device) -> Fdic:
     """A fresh TA (initialised from ``cfg.seed`` without touching the global RNG) over the path
-    embeddings ``emb [paths, 2·d]``, its AdamW at the warm-up ``lr`` and an empty ``L̄``."""
+    embeddings ``emb [paths, 2·d]`` of the questions ``questions [Q, K]`` (path ids, -1 padding),
+    its AdamW at the warm-up ``lr`` and an empty ``L̄``."""
     with torch.random.fork_rng(devices=[]):  # built on CPU, then moved
         # The CPU generator only: torch.manual_seed would also reseed CUDA, the student's RNG on a GPU.
         torch.default_generator.manual_seed(cfg.seed)
@@ -194,7 +210,7 @@ def build_fdic(emb: Tensor, cfg: FdicConfig, device: torch.device) -> Fdic:
     ta = ta.to(device)
     rng = torch.Generator().manual_seed(cfg.seed + _DROPOUT_SEED_OFFSET)
     n = emb.shape[0]
-    return Fdic(cfg, ta, torch.optim.AdamW(ta.parameters(), lr=cfg.lr), rng, emb.to(device),
+    return Fdic(cfg, ta, torch.optim.AdamW(ta.parameters(), lr=cfg.lr), rng, emb.to(device), questions.to(device),
                 torch.full((n,), float("nan"), device=device), torch.full((n,), -1, dtype=torch.long, device=device))
 
 

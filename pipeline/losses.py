@@ -196,3 +196,41 @@ def mean_question_spearman(scores: Tensor, target: Tensor, mask: Tensor) -> floa
         if not math.isnan(r):
             vals.append(r)
     return float("nan") if not vals else sum(vals) / len(vals)
+
+
+def entropy_share(alpha: Tensor, mask: Tensor) -> Tensor:
+    """``H(α) / ln K`` per question ``[Q]``: 1 for uniform weights over the ``K`` real paths, 0 for
+    one path taking all the weight; NaN for a question with a single path (nothing to share)."""
+    k = mask.sum(dim=-1).to(torch.float32)
+    a = alpha.float().clamp_min(1e-12)
+    h = -(alpha.float() * a.log()).masked_fill(~mask, 0.0).sum(dim=-1)
+    return torch.where(k >= 2, h / k.clamp_min(2).log(), torch.full_like(h, float("nan")))
+
+
+def _centered(x: Tensor, mask: Tensor) -> Tensor:
+    """Each question's real entries minus their mean (padding 0)."""
+    m = mask.to(torch.float64)
+    x = x.double() * m
+    return (x - x.sum(dim=-1, keepdim=True) / m.sum(dim=-1, keepdim=True).clamp_min(1.0)) * m
+
+
+def within_question_slope(x: Tensor, y: Tensor, mask: Tensor) -> float:
+    """Least-squares slope of ``y`` on ``x`` within questions (both centred per question, then
+    pooled): 1 when ``y = x + c_q``. NaN when ``x`` never varies inside a question."""
+    cx, cy = _centered(x, mask), _centered(y, mask)
+    den = float((cx * cx).sum())
+    return float("nan") if den == 0.0 else float((cx * cy).sum()) / den
+
+
+def within_question_corr(x: Tensor, y: Tensor, mask: Tensor) -> float:
+    """Pearson correlation of ``x`` and ``y`` within questions (centred per question, then
+    pooled). NaN when either never varies inside a question."""
+    cx, cy = _centered(x, mask), _centered(y, mask)
+    den = math.sqrt(float((cx * cx).sum()) * float((cy * cy).sum()))
+    return float("nan") if den == 0.0 else float((cx * cy).sum()) / den
+
+
+def length_scores(tokens: Tensor, mask: Tensor) -> Tensor:
+    """The length baseline's scores ``s_k = -ln(tokens_k)`` (padding 0): shorter scores higher, and
+    with ``α = softmax(s / τ_student)`` a path's weight scales as ``tokens^(-1/τ_student)``."""
+    return (-tokens.float().clamp_min(1.0).log()).masked_fill(~mask, 0.0)

@@ -26,20 +26,31 @@ question are weighted:
               of TA-only training against the frozen student's per-path losses, then a joint
               phase in which the TA steps every ``ta_accum_steps`` student micro-batches with
               ``ta_joint_lr``; per-rationale losses are smoothed with an inertia ``ema_mu`` per
-              student optimizer step.
+              student optimizer step. Each TA step re-fits every smoothed loss seen so far
+              (``ta_updates`` AdamW updates), so the TA's scores reach the scale of ``-L̄``.
 
 Ablations (the paper's table) are methods too: ``mind-no-synergy`` (``synergy: false``),
 ``mind-ema0`` (``ema_mu: 0``, the instantaneous loss) and ``mind-beta0`` (``beta: 0``) run
-``mind`` with that one parameter forced, into ``<out_root>/<ablation>``; ``ablations`` lists
-the ones dvc.yaml runs and evaluates (``distill-ablation@<name>``, ``evaluate-ablation@<name>``).
+``mind`` with that one parameter forced, into ``<out_root>/<ablation>``; ``mind-length``
+(``scorer: length``) is the length baseline: mind's selection and weights with ``s = -ln tokens``
+instead of the TA, which tells whether the TA learns more than "shorter is easier".
+``ablations`` lists the ones dvc.yaml runs and evaluates (``distill-ablation@<name>``,
+``evaluate-ablation@<name>``).
+
+For mind and its ablations the run's ``metrics.json`` says what the weights did, averaged over
+the joint phase: ``alpha_entropy_share`` (H(α) / ln K), ``oracle_alpha_entropy_share`` (the same
+for a TA that fitted -L̄ exactly), ``ta_fit`` ((1 - the first) / (1 - the second)),
+``ta_score_slope`` (within-question least-squares slope of the TA's scores on -L̄),
+``selected_share`` (|I| / K), ``alpha_length_corr`` and ``alpha_share`` (each perspective's mean
+K·α; 1 = a uniform share); ``alpha_share.png`` plots the last over the steps.
 
 Every method gets the same question stream (same seed, questions per step, steps, learning
 rate): the TA warm-up draws from its own, separate stream, so it does not shift the
 student's data. The TA also draws its initialisation and dropout from its own generators,
 so the student's RNG (LoRA dropout) is the same for every method.
 
-Checkpoints (``checkpoint_every``) hold the student's and the TA's whole state, the TA's
-pending accumulated gradients included, and a ``checksums.json`` (sha256 of every file)
+Checkpoints (``checkpoint_every``) hold the student's and the TA's whole state (its inertia
+table included), and a ``checksums.json`` (sha256 of every file)
 written when the checkpoint is complete. A resume verifies it; a checkpoint that fails is
 discarded with a log line and the run resumes from the one before (the newest two are kept)
 or starts from scratch.
@@ -67,6 +78,7 @@ import torch
 from torch import Tensor
 
 from pipeline import losses as L
+from pipeline.answers import ANSWER_TYPES
 from pipeline.config import ConfigError, check, from_dict, to_dict
 from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
@@ -78,12 +90,15 @@ from stages.cli import field
 
 log = logging.getLogger("mind.distill")
 
-Method = Literal["single", "uniform", "mcc", "mind", "mind-no-synergy", "mind-ema0", "mind-beta0"]
-Ablation = Literal["mind-no-synergy", "mind-ema0", "mind-beta0"]
-# Each ablation is mind with one parameter forced (the paper's ablation table).
+Method = Literal["single", "uniform", "mcc", "mind", "mind-no-synergy", "mind-ema0", "mind-beta0", "mind-length"]
+Ablation = Literal["mind-no-synergy", "mind-ema0", "mind-beta0", "mind-length"]
+# Each ablation is mind with one parameter forced: the paper's ablation table, plus the length
+# baseline (mind's selection and weights, with scores from each path's length instead of the TA).
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "mind-no-synergy": {"synergy": False}, "mind-ema0": {"ema_mu": 0.0}, "mind-beta0": {"beta": 0.0}}
-REQUIRED_COLUMNS = ("question_id", "teacher", "perspective", "sample_index", "text", "question", "answer_offset")
+    "mind-no-synergy": {"synergy": False}, "mind-ema0": {"ema_mu": 0.0}, "mind-beta0": {"beta": 0.0},
+    "mind-length": {"scorer": "length"}}
+REQUIRED_COLUMNS = ("question_id", "teacher", "perspective", "sample_index", "text", "question", "answer_offset",
+                    "answer_type")
 # Keys that do not change what is trained: a checkpoint stays valid when only these change.
 _RESUME_NEUTRAL = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "out_root", "live_root",
                    "embedding_cache", "run_name", "cpu_threads", "ablations")
@@ -106,7 +121,8 @@ class DistillConfig:
     prompt: str = field(STUDENT_PROMPT, help="the student's user message: {question} and optionally {answer_instruction} "
                         "(never a perspective); the default is evaluate's default prompt, so training matches evaluation")
     # data
-    max_paths: int = field(8, help="K: at most this many paths per question (first ones in perspective order)")
+    max_paths: int = field(8, help="K: at most this many paths per question; a question with more keeps a seeded "
+                                   "random draw of them, the same for every method")
     max_seq_len: int = field(384, help="paths longer than this (prompt + rationale) are dropped and counted")
     single_rule: Literal["random", "first", "shortest"] = field(
         "random", help="single: which path a question keeps (seeded random, first by perspective, fewest tokens)")
@@ -150,7 +166,12 @@ class DistillConfig:
     ta_lr: float = field(1e-3, help="TA learning rate in the warm-up phase")
     ta_warmup_steps: int = field(4, help="FDIC warm-up: TA-only steps against the frozen student")
     ta_joint_lr: float = field(1e-4, help="TA learning rate in the joint phase (much smaller than ta_lr)")
-    ta_accum_steps: int = field(4, help="joint phase: TA optimizer step every this many student micro-batches")
+    ta_accum_steps: int = field(4, help="joint phase: a TA step every this many student micro-batches")
+    ta_updates: int = field(128, help="AdamW updates per TA step, each over every question's smoothed losses L̄ so "
+                                     "far (no extra student forward pass): enough for the TA to fit its target")
+    scorer: Literal["ta", "length"] = field(
+        "ta", help="how mind scores paths: ta (the Teaching Assistant) or length (s = -ln tokens, the length "
+                   "baseline; the mind-length ablation)")
     ema_mu: float = field(0.5, help="FDIC inertia μ per student optimizer step: a revisit after Δ steps does "
                                     "L̄ <- r·L̄ + (1-r)·L, r = μ^max(1, Δ); half-life ln2/-ln μ steps: set it "
                                     "against max_steps (0: instantaneous loss)")
@@ -184,9 +205,12 @@ class DistillConfig:
         check(self.consistency_weight >= 0, "distill.consistency_weight must be >= 0")
         check(0.0 <= self.beta <= 1.0, "distill.beta must be in [0, 1]")
         check(self.tau > 0 and self.tau_student > 0, "distill: tau and tau_student must be positive")
-        check(self.ta_hidden % self.ta_heads == 0, "distill.ta_hidden must be divisible by ta_heads")
+        check(self.ta_heads >= 1 and self.ta_hidden % self.ta_heads == 0,
+              "distill.ta_heads must be >= 1 and divide distill.ta_hidden")
         check(self.ta_score_heads >= 1, "distill.ta_score_heads must be >= 1")
-        check(self.ta_warmup_steps >= 0 and self.ta_accum_steps >= 1, "distill: ta_warmup_steps >= 0, ta_accum_steps >= 1")
+        check(self.ta_warmup_steps >= 0 and self.ta_accum_steps >= 1 and self.ta_updates >= 1,
+              "distill: ta_warmup_steps >= 0, ta_accum_steps >= 1, ta_updates >= 1")
+        check(0.0 <= self.ta_dropout < 1.0, "distill.ta_dropout must be in [0, 1)")
         check(0.0 <= self.ema_mu < 1.0, "distill.ema_mu must be in [0, 1)")
         check(self.checkpoint_every >= 0 and self.log_every >= 1, "distill: checkpoint_every >= 0, log_every >= 1")
         check(self.cpu_threads is None or self.cpu_threads >= 1, "distill.cpu_threads must be >= 1 or null")
@@ -212,7 +236,8 @@ def resolve_ablation(cfg: DistillConfig) -> DistillConfig:
 def fdic_config(cfg: DistillConfig) -> FdicConfig:
     return FdicConfig(hidden_dim=cfg.ta_hidden, num_heads=cfg.ta_heads, synergy=cfg.synergy,
                       score_heads=cfg.ta_score_heads, dropout=cfg.ta_dropout, lr=cfg.ta_lr, joint_lr=cfg.ta_joint_lr,
-                      accum_steps=cfg.ta_accum_steps, mu=cfg.ema_mu, seed=cfg.seed)
+                      accum_steps=cfg.ta_accum_steps, updates=cfg.ta_updates, mu=cfg.ema_mu, tau=cfg.tau,
+                      seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- data
@@ -222,6 +247,7 @@ def fdic_config(cfg: DistillConfig) -> FdicConfig:
 class PathExample:
     path_id: int  # row in the path table (TA embeddings, EMA losses)
     key: str  # question_id/teacher/perspective/sample_index: the rationale's identity
+    perspective: str
     input_ids: list[int]
     prompt_len: int  # tokens before the first target token
     suffix_start: int  # position of the first answer-suffix token in input_ids
@@ -311,6 +337,9 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
             raise ConfigError(f"{where}: field answer_offset {off!r} is outside text (length {len(text)})")
         if not isinstance(r["question"], str) or not r["question"].strip():
             raise ConfigError(f"{where}: field question is empty")
+        if r["answer_type"] not in ANSWER_TYPES:
+            # The answer instruction depends on it: a silent default would train the wrong prompt.
+            raise ConfigError(f"{where}: field answer_type {str(r['answer_type'])[:40]!r} is not one of {ANSWER_TYPES}")
         by_q[r["question_id"]].append(r)
 
     units: list[QuestionUnit] = []
@@ -323,7 +352,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
         if len(questions) != 1:
             raise ConfigError(f"{cfg.filtered_dir}: question_id {qid} has {len(questions)} different question texts")
         prompt, prefix, tail = chat_parts(tokenizer, user_message(cfg.prompt, group[0]["question"],
-                                                                  group[0].get("answer_type") or "number"))
+                                                                  group[0]["answer_type"]))
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
         encoded = []
@@ -334,8 +363,13 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
                 continue
             encoded.append((r, ids, s_start, s_ids))
         if len(encoded) > cfg.max_paths:
-            counts["paths_over_max_paths"] += len(encoded) - cfg.max_paths
-            encoded = encoded[: cfg.max_paths]
+            # A seeded draw per question, the same for every method: cutting by perspective name
+            # dropped the same perspectives from every question.
+            keep = sorted(random.Random(f"{cfg.seed}/{qid}").sample(range(len(encoded)), cfg.max_paths))
+            for i in sorted(set(range(len(encoded))) - set(keep)):
+                counts["paths_over_max_paths"] += 1
+                counts[f"paths_over_max_paths/{encoded[i][0]['perspective']}"] += 1
+            encoded = [encoded[i] for i in keep]
         if not encoded:
             counts["questions_without_paths"] += 1
             continue
@@ -351,8 +385,8 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
         paths = []
         for r, ids, s_start, s_ids in encoded:
             key = f"{qid}/{r['teacher']}/{r['perspective']}/{r['sample_index']}"
-            paths.append(PathExample(len(path_rows), key, ids, len(prompt_ids), s_start, s_ids))
-            path_rows.append({"key": key, "question": r["question"], "text": r["text"]})
+            paths.append(PathExample(len(path_rows), key, r["perspective"], ids, len(prompt_ids), s_start, s_ids))
+            path_rows.append({"key": key, "question": r["question"], "text": r["text"], "perspective": r["perspective"]})
         units.append(QuestionUnit(qid, paths, common_tail([p.suffix_ids for p in paths])))
     counts["questions"] = len(units)
     counts["paths"] = len(path_rows)
@@ -398,6 +432,8 @@ class Batch:
     path_ids: Tensor  # [Q, K] global path ids, -1 for padding
     jsd_pos: list[Tensor]  # per question: [K_q, M_q] input positions of the shared suffix tokens
     tokens: int  # target tokens in the batch
+    path_tokens: Tensor  # [Q, K] target tokens of each path (padding 0)
+    perspectives: list[list[str]]  # per question, its paths' perspectives
 
 
 def collate(units: list[QuestionUnit], pad_id: int, k_max: int) -> Batch:
@@ -425,8 +461,10 @@ def collate(units: list[QuestionUnit], pad_id: int, k_max: int) -> Batch:
             i += 1
         jsd_pos.append(torch.tensor(pos, dtype=torch.long).view(len(u.paths), u.jsd_len))
     start = min(p.prompt_len for p in paths) - 1
+    path_tokens = torch.zeros((Q, k_max), dtype=torch.long)
+    path_tokens[grid >= 0] = (labels != L.IGNORE_INDEX).sum(dim=1)[grid[grid >= 0]]
     return Batch(input_ids, attention_mask, labels, start, grid, grid >= 0, path_ids, jsd_pos,
-                 int((labels != L.IGNORE_INDEX).sum()))
+                 int((labels != L.IGNORE_INDEX).sum()), path_tokens, [[p.perspective for p in u.paths] for u in units])
 
 
 # ---------------------------------------------------------------- model
@@ -488,13 +526,16 @@ def to_grid(values: Tensor, batch: Batch) -> Tensor:
 # ---------------------------------------------------------------- FDIC (state and rules: pipeline/fdic.py)
 
 
-def build_run_fdic(cfg: DistillConfig, path_rows: list[dict[str, Any]], device: torch.device,
-                   cache: Path | None) -> Fdic:
-    """The run's FDIC state over the frozen encoder's path embeddings."""
+def build_run_fdic(cfg: DistillConfig, units: list[QuestionUnit], path_rows: list[dict[str, Any]],
+                   device: torch.device, cache: Path | None) -> Fdic:
+    """The run's FDIC state over the frozen encoder's path embeddings and the questions' path grid."""
     with rng_fork(device):  # loading the encoder must not move the student's RNG either
         emb = embed_paths([r["question"] for r in path_rows], [r["text"] for r in path_rows], cfg.encoder, cache,
                           device=str(device) if device.type == "cuda" else "cpu")
-    return build_fdic(emb, fdic_config(cfg), device)
+    questions = torch.full((len(units), cfg.max_paths), -1, dtype=torch.long)
+    for i, u in enumerate(units):
+        questions[i, : len(u.paths)] = torch.tensor([p.path_id for p in u.paths])
+    return build_fdic(emb, questions, fdic_config(cfg), device)
 
 
 def observe(accelerator: Any, fdic: Fdic, batch: Batch, ce: Tensor, clock: int, cfg: DistillConfig) -> Tensor:
@@ -510,25 +551,55 @@ def grad_average(accelerator: Any) -> Callable[[Tensor], Tensor] | None:
     return lambda g: accelerator.reduce(g, "mean")
 
 
+def nan_list(x: Tensor) -> list[float]:
+    """Per-question values as floats (NaN entries are skipped when records are averaged)."""
+    return [float(v) for v in x.detach().cpu()]
+
+
+def ta_stats(scores: Tensor, smoothed: Tensor, mask: Tensor, cfg: DistillConfig) -> dict[str, list[float]]:
+    """How well the TA's eval-mode ``scores`` fit their target ``-L̄`` on this micro-batch, and the
+    α a TA that fitted it exactly would give (the oracle: s = -L̄, same β and τ_student)."""
+    oracle = -smoothed
+    alpha_star = L.path_weights(oracle, L.select_paths(oracle, mask, cfg.beta, cfg.tau_student), cfg.tau_student)
+    return {"oracle_alpha_entropy_share": nan_list(L.entropy_share(alpha_star, mask)),
+            "ta_score_slope": [L.within_question_slope(oracle, scores, mask)],
+            "spearman": [L.mean_question_spearman(scores, oracle, mask)],
+            "meta_loss": [float(L.listnet_kl(scores, smoothed, mask, cfg.tau))]}
+
+
+def alpha_stats(alpha: Tensor, selected: Tensor, mask: Tensor, batch: Batch) -> dict[str, list[float]]:
+    """What the weights did: entropy share and selected share per question, the within-question
+    correlation of α with path length, and each perspective's K·α (1 = a uniform share)."""
+    k = mask.sum(dim=-1)
+    out = {"alpha_entropy_share": nan_list(L.entropy_share(alpha, mask)),
+           "selected_share": nan_list(selected.sum(dim=-1) / k),
+           "alpha_length_corr": [L.within_question_corr(batch.path_tokens.to(alpha.device), alpha, mask)]}
+    share = (alpha * k[:, None]).cpu()
+    for q, names in enumerate(batch.perspectives):
+        for j, name in enumerate(names):
+            out.setdefault(f"alpha_share/{name}", []).append(float(share[q, j]))
+    return out
+
+
 def micro_losses(cfg: DistillConfig, model: Any, batch: Batch, device: torch.device, fdic: Fdic | None,
-                 accelerator: Any, clock: int) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-    """One micro-batch of the joint phase at student step ``clock``: (student loss, TA meta loss or
-    None, logged figures)."""
+                 accelerator: Any, clock: int) -> tuple[Tensor, dict[str, list[float]]]:
+    """One micro-batch of the joint phase at student step ``clock``: (student loss, logged figures)."""
     mask = batch.mask.to(device)
     # uniform computes the JSD too, without gradient, so every multi-path method logs it.
     jsd_mode = "off" if cfg.method == "single" else ("grad" if cfg.lam > 0 else "log")
     ce, mats = forward_losses(model, batch, device, jsd_mode)  # type: ignore[arg-type]
-    stats: dict[str, float] = {}
-    meta = None
-    if fdic is not None:
-        target = observe(accelerator, fdic, batch, ce, clock, cfg)
-        with torch.no_grad():  # α comes from the TA without dropout; the meta loss trains it with
-            s = fdic.scores(batch.path_ids, batch.mask, train=False)
+    stats: dict[str, list[float]] = {}
+    if cfg.method == "mind":
+        if fdic is not None:
+            smoothed = observe(accelerator, fdic, batch, ce, clock, cfg)
+            with torch.no_grad():  # α comes from the TA without dropout
+                s = fdic.scores(batch.path_ids, batch.mask, train=False)
+            stats.update(ta_stats(s, smoothed, mask, cfg))
+        else:
+            s = L.length_scores(batch.path_tokens.to(device), mask)
         selected = L.select_paths(s, mask, cfg.beta, cfg.tau_student)
         alpha = L.path_weights(s, selected, cfg.tau_student)
-        meta = L.listnet_kl(fdic.scores(batch.path_ids, batch.mask, train=True), target, mask, cfg.tau)
-        stats["meta_loss"] = meta.item()
-        stats["spearman"] = L.mean_question_spearman(s, -target, mask)
+        stats.update(alpha_stats(alpha, selected, mask, batch))
     else:
         selected = mask
         alpha = mask.float() if cfg.method == "single" else L.uniform_weights(mask)
@@ -536,10 +607,19 @@ def micro_losses(cfg: DistillConfig, model: Any, batch: Batch, device: torch.dev
     if mats is not None:
         if cfg.lam == 0:
             cons = torch.stack([L.consistency_term(m, a[: m.shape[0]]) for m, a in zip(mats, alpha)]).mean()
-        stats["jsd"] = cons.item()
-    stats.update(loss=loss.item(), ce=wce.item(), ce_mean=float(ce.detach().mean()),
-                 mean_selected=float(selected.sum(dim=-1).float().mean()), alpha_entropy=float(L.alpha_entropy(alpha)))
-    return loss, meta, stats
+        stats["jsd"] = [cons.item()]
+    stats.update(loss=[loss.item()], ce=[wce.item()], ce_mean=[float(ce.detach().mean())],
+                 mean_selected=[float(selected.sum(dim=-1).float().mean())],
+                 alpha_entropy=[float(L.alpha_entropy(alpha))])
+    return loss, stats
+
+
+def ta_fit(alpha_share: float | None, oracle_share: float | None) -> float | None:
+    """The share of the achievable α sharpening that the TA realises:
+    ``(1 - alpha_entropy_share) / (1 - oracle_alpha_entropy_share)``."""
+    if alpha_share is None or oracle_share is None or oracle_share >= 1.0:
+        return None
+    return (1.0 - alpha_share) / (1.0 - oracle_share)
 
 
 # ---------------------------------------------------------------- training
@@ -624,19 +704,16 @@ def check_finite(accelerator: Any, values: dict[str, Tensor | float | None], ste
                             "Lower lr, check the filtered data, or train in float32.")
 
 
-def save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, state: dict[str, Any],
-                    pending: list[Tensor | None] | None) -> Path:
-    """accelerate's state (model/optimizer/RNG) + ours + each process's pending TA gradients
-    (``pending``), and ``checksums.json``, under a temp name renamed when complete. The newest
-    two checkpoints are kept: one that fails verification falls back to the one before."""
+def save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, state: dict[str, Any]) -> Path:
+    """accelerate's state (model/optimizer/RNG) + ours (the TA's whole state included), and
+    ``checksums.json``, under a temp name renamed when complete. The newest two checkpoints are
+    kept: one that fails verification falls back to the one before."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if pending is not None:
-        torch.save(pending, tmp / f"ta_pending_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(state, tmp / "trainer_state.pt")
@@ -697,7 +774,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         cfg.name, n, counts["paths"], counts["paths"] / n, max(len(u.paths) for u in units), counts["rows_read"],
         {k: v for k, v in counts.items() if k not in ("rows_read", "questions", "paths")} or "none", world, device,
         accelerator.state.backend or "single process")
-    fdic = build_run_fdic(cfg, path_rows, device, cfg.embedding_cache if main else None) if cfg.method == "mind" else None
+    uses_ta = cfg.method == "mind" and cfg.scorer == "ta"
+    fdic = build_run_fdic(cfg, units, path_rows, device, cfg.embedding_cache if main else None) if uses_ta else None
     if fdic is not None:
         say("%s: FDIC inertia ema_mu %g: half-life %.1f of %d student steps", cfg.name, cfg.ema_mu,
             half_life_steps(cfg.ema_mu), cfg.max_steps)
@@ -736,8 +814,6 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         if fdic is not None:
             fdic.load_state_dict(state["fdic"])
-            fdic.load_pending_grads(torch.load(ckpt / f"ta_pending_{accelerator.process_index}.pt",
-                                               map_location="cpu", weights_only=False))
         resumed_from = step
         say("%s: resumed from %s (step %d)", cfg.name, ckpt, step)
     elif failed:
@@ -776,20 +852,17 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             with torch.no_grad():
                 ce, _ = forward_losses(model, batch, device, "off")
             target = observe(accelerator, fdic, batch, ce, 0, cfg)  # clock 0: the student has not stepped
-            meta = L.listnet_kl(fdic.scores(batch.path_ids, batch.mask, train=True), target, batch.mask.to(device),
-                                cfg.tau)
+            meta = fdic.warmup_step(average)
             check_finite(accelerator, {"TA meta loss": meta}, -cfg.ta_warmup_steps + w, ckpt_root, cfg.name)
-            fdic.warmup_step(meta, average)
             with torch.no_grad():
                 rho = L.mean_question_spearman(fdic.scores(batch.path_ids, batch.mask, train=False), -target,
                                                batch.mask.to(device))
-            warm_curve.append(reduce_record(accelerator, {"meta_loss": [meta.item()], "spearman": [rho]}))
+            warm_curve.append(reduce_record(accelerator, {"meta_loss": [nan_if_none(meta)], "spearman": [rho]}))
             warm_done = w + 1
-            say("%s: TA warm-up %d/%d: meta loss %.4f, Spearman(s, -L̄) %.3f", cfg.name, warm_done,
+            say("%s: TA warm-up %d/%d: table meta loss %.4f, batch Spearman(s, -L̄) %.3f", cfg.name, warm_done,
                 cfg.ta_warmup_steps, warm_curve[-1]["meta_loss"], warm_curve[-1]["spearman"])
-        fdic.start_joint()
 
-    # ---- joint phase: the student trains; the TA follows with a smaller LR and a wider window.
+    # ---- joint phase: the student trains; the TA follows L̄ at a smaller LR, every ta_accum_steps micro-batches.
     model.train()
     history: list[dict[str, float]] = []
     tokens = 0
@@ -802,8 +875,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             batch = batch_at(cfg.seed, micro)
             tokens += batch.tokens
             with accelerator.accumulate(model):
-                loss, meta, stats = micro_losses(cfg, model, batch, device, fdic, accelerator, step)
-                check_finite(accelerator, {"loss": loss, "TA meta loss": meta}, step, ckpt_root, cfg.name)
+                loss, stats = micro_losses(cfg, model, batch, device, fdic, accelerator, step)
+                check_finite(accelerator, {"loss": loss}, step, ckpt_root, cfg.name)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     # all parameters: FSDP's own clipping only engages for the model's full parameter list
@@ -811,15 +884,17 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
                     check_finite(accelerator, {"gradient norm": norm}, step, ckpt_root, cfg.name)
                 optimizer.step()
                 optimizer.zero_grad()
-            if fdic is not None and meta is not None:
+            if fdic is not None:
                 # Steps where the micro-batch index says, so a resumed run steps where this one would.
-                fdic.joint_micro(meta, micro, average)
+                fdic.joint_micro(micro, average)
             for k, v in stats.items():
-                acc[k].append(v)
+                acc[k].extend(v)
         scheduler.step()
         step += 1
         rec = reduce_record(accelerator, acc)
         rec["lr"] = scheduler.get_last_lr()[0]
+        if "oracle_alpha_entropy_share" in rec:
+            rec["ta_fit"] = nan_if_none(ta_fit(rec["alpha_entropy_share"], rec["oracle_alpha_entropy_share"]))
         history.append(rec)
         bar.update(1)
         if live is not None:
@@ -830,8 +905,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", ce=f"{rec['ce']:.4f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            say("%s: checkpoint %s", cfg.name, save_checkpoint(accelerator, ckpt_root, step, trainer_state(),
-                                                               fdic.pending_grads() if fdic else None))
+            say("%s: checkpoint %s", cfg.name, save_checkpoint(accelerator, ckpt_root, step, trainer_state()))
     bar.close()
     train_s = time.time() - t_train
     tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum"))
@@ -851,12 +925,15 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             "first_loss": history[0]["loss"] if history else None,
             **{f"final_{k}": final(k) for k in ("loss", "ce", "ce_mean", "jsd", "meta_loss", "spearman",
                                                   "mean_selected", "alpha_entropy")},
+            **weighting_summary(history),
             "ta_warmup": warm_curve, "train_seconds": round(train_s, 2), "total_seconds": round(time.time() - t_start, 2),
             "train_tokens": tokens, "tokens_per_second": round(tokens / train_s, 1) if train_s > 0 else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
             "history": history,
         }
         atomic_write_json(out_dir / "config.json", {"stage": "distill", **to_dict(cfg)})
+        if "alpha_share" in metrics:
+            plot_alpha_share(history, out_dir / "alpha_share.png")
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         atomic_write_json(out_dir / "metrics.json", metrics)
@@ -867,6 +944,54 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"out_dir": str(out_dir), "steps": step, "resumed_from_step": resumed_from}
+
+
+def nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def weighting_summary(history: list[dict[str, float]]) -> dict[str, Any]:
+    """What the weights did over the whole joint phase (mind and its ablations): the mean of each
+    per-step figure, ``ta_fit`` from those means, and each perspective's mean K·α."""
+
+    def mean(key: str) -> float | None:
+        vals = [h[key] for h in history if key in h and not math.isnan(h[key])]
+        return sum(vals) / len(vals) if vals else None
+
+    if not any("alpha_entropy_share" in h for h in history):
+        return {}
+    out: dict[str, Any] = {k: mean(k) for k in ("alpha_entropy_share", "oracle_alpha_entropy_share", "ta_score_slope",
+                                                  "selected_share", "alpha_length_corr")}
+    out["ta_fit"] = ta_fit(out["alpha_entropy_share"], out["oracle_alpha_entropy_share"])
+    names = sorted({k.split("/", 1)[1] for h in history for k in h if k.startswith("alpha_share/")})
+    out["alpha_share"] = {n: mean(f"alpha_share/{n}") for n in names}
+    return out
+
+
+def plot_alpha_share(history: list[dict[str, float]], path: Path) -> None:
+    """Each perspective's K·α over the steps (1 = a uniform share), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k.split("/", 1)[1] for h in history for k in h if k.startswith("alpha_share/")})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in names:
+        pts = [(i + 1, h[f"alpha_share/{n}"]) for i, h in enumerate(history)
+               if not math.isnan(h.get(f"alpha_share/{n}", float("nan")))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=n)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("student step")
+    ax.set_ylabel("K·α (1 = uniform share)")
+    ax.set_title("each perspective's weight over the steps")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def save_outputs(cfg: DistillConfig, accelerator: Any, model: Any, tokenizer: Any, fdic: Fdic | None,

@@ -21,6 +21,7 @@ Reads every ``metrics/eval/<model>.json`` written by ``mind evaluate`` and write
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ GROUP_LABEL = {"id": "ID", "ood": "OOD"}
 # with `mind`.
 ABLATION_BASE = "mind"
 ABLATION_LABELS = {"mind-no-synergy": "no synergy layer", "mind-ema0": "instantaneous loss (μ = 0)",
-                   "mind-beta0": "no threshold (β = 0)"}
+                   "mind-beta0": "no threshold (β = 0)", "mind-length": "the TA (scores from length: s = -ln tokens)"}
 
 
 @dataclass
@@ -55,6 +56,8 @@ class ReportConfig:
     compare_to: list[str] = field(help="references of the paired comparisons; a reference with no metrics is skipped",
                                   factory=lambda: ["base", "uniform"])
     paired_metrics: Path = field(Path("metrics/paired.json"), help="DVC metrics file of the paired comparisons")
+    students_dir: Path = field(Path("data/students"), help="distill outputs, <students_dir>/<model>/metrics.json: "
+                                                           "what the TA did, for mind and its ablations")
     bootstrap_resamples: int = field(10_000, help="paired-bootstrap resamples per comparison")
     seed: int = field(0, help="seed of the paired bootstrap")
 
@@ -245,6 +248,45 @@ def ablation_markdown(all_metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ta_markdown(models: list[str], students_dir: Path) -> str:
+    """"What the TA did": for every student whose distill metrics report weights (mind and its
+    ablations), the figures that say whether the TA acted and what it favoured."""
+    rows = []
+    for model in models:
+        path = students_dir / model / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        if "alpha_entropy_share" in m:
+            rows.append((model, m))
+    if not rows:
+        return ""
+
+    def num(x: float | None, fmt: str = "{:.2f}") -> str:
+        return "–" if x is None else fmt.format(x)
+
+    lines = ["## What the TA did", "",
+             "Means over the joint phase of each run (`<students_dir>/<model>/metrics.json`). "
+             "`H(α)/ln K` is 1 for uniform weights; the oracle is a TA that fitted -L̄ exactly (same β and "
+             "τ_student); `ta_fit` is the share of the oracle's sharpening the run realised; the slope is the "
+             "within-question least-squares slope of the TA's scores on -L̄ (1 = fitted); `corr(α, length)` is "
+             "within questions.", "",
+             "| model | H(α)/ln K | oracle | ta_fit | score slope | selected share | corr(α, length) |",
+             "|---|---|---|---|---|---|---|"]
+    for model, m in rows:
+        lines.append(f"| `{model}` | {num(m['alpha_entropy_share'])} | {num(m.get('oracle_alpha_entropy_share'))} | "
+                     f"{num(m.get('ta_fit'))} | {num(m.get('ta_score_slope'))} | {num(m['selected_share'])} | "
+                     f"{num(m.get('alpha_length_corr'), '{:+.2f}')} |")
+    names = sorted({n for _, m in rows for n in m.get("alpha_share", {})})
+    if names:
+        lines += ["", "Each perspective's mean K·α (1 = a uniform share):", "",
+                  "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for model, m in rows:
+            lines.append(f"| `{model}` | " + " | ".join(num(m.get("alpha_share", {}).get(n)) for n in names) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def paired_markdown(paired: dict[str, dict[str, Any]], resamples: int, seed: int) -> str:
     lines = [
         "## Paired comparisons (the same questions)",
@@ -315,6 +357,9 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     ablations = ablation_markdown(all_metrics)
     if ablations:
         text += "\n" + ablations
+    ta = ta_markdown(list(all_metrics), cfg.students_dir)
+    if ta:
+        text += "\n" + ta
     if paired:
         text += "\n" + paired_markdown(paired, cfg.bootstrap_resamples, cfg.seed)
     config_note = "\n".join(f"- `{k}`: `{v}`" for k, v in to_dict(cfg).items())

@@ -5,6 +5,7 @@ one run on the real embedded student."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill_helpers import filtered_rows, make_filtered, make_tiny_model
+from distill_helpers import PERSPECTIVES, filtered_rows, make_filtered, make_tiny_model
 from pipeline import losses as L
 from pipeline.config import ConfigError
 from pipeline.shards import write_shards
@@ -119,6 +120,26 @@ def test_bad_answer_offset_names_file_row_and_field(tmp_path: Path, tiny: Path) 
         D.load_units(D.DistillConfig(filtered_dir=tmp_path / "f"), AutoTokenizer.from_pretrained(tiny))
 
 
+def test_paths_over_max_paths_are_a_seeded_draw_that_spares_every_perspective(tmp_path: Path, tiny: Path) -> None:
+    """300 questions with 6 paths each, K <= 4: every perspective keeps about 4/6 of its paths (a
+    cut by name dropped the same two perspectives from every question), the draw is the same for
+    every method, and the dropped paths are counted per perspective."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    f = make_filtered(tmp_path / "f", n_questions=300, ks=[6])
+    units, _, counts = D.load_units(D.DistillConfig(filtered_dir=f, max_paths=4, method="uniform"), tok)
+    again = D.load_units(D.DistillConfig(filtered_dir=f, max_paths=4, method="mind"), tok)[0]
+    assert [[p.key for p in u.paths] for u in units] == [[p.key for p in u.paths] for u in again]
+    assert all(len(u.paths) == 4 for u in units)
+    kept = {name: sum(p.perspective == name for u in units for p in u.paths) for name in PERSPECTIVES}
+    # Binomial(300, 2/3) per perspective: sd 8.2 paths; 4 sd either side.
+    assert all(abs(k - 200) <= 33 for k in kept.values()), kept
+    assert counts["paths_over_max_paths"] == 600
+    assert {name: counts[f"paths_over_max_paths/{name}"] for name in PERSPECTIVES} == \
+        {name: 300 - kept[name] for name in PERSPECTIVES}
+
+
 def test_too_long_paths_are_dropped_and_counted(filtered: Path, tiny: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -175,6 +196,34 @@ def test_ablations_are_mind_with_one_parameter_forced(tmp_path: Path, filtered: 
     assert (out / "ta.pt").exists() and (out / "merged").is_dir()
 
 
+def test_length_baseline_weights_shorter_paths_higher(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path,
+                                                      one_thread: object) -> None:
+    """mind-length: mind's selection and weights with s = -ln tokens and no TA. Within a question
+    α falls with the path's length, and the run reports the same weighting figures as mind."""
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind-length", max_steps=3, beta=0.0))
+    out = tmp_path / "students" / "mind-length"
+    m = json.loads((out / "metrics.json").read_text())
+    assert not (out / "ta.pt").exists() and "ta_fit" in m and m["ta_fit"] is None
+    assert m["alpha_length_corr"] < -0.5
+    assert m["alpha_entropy_share"] < 1.0 and m["selected_share"] == 1.0  # beta 0 keeps every path
+
+
+def test_length_scores_and_weighting_figures_on_literal_tensors() -> None:
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    s = L.length_scores(torch.tensor([[10, 40, 0], [20, 20, 20]]), mask)
+    assert s[0, 0] - s[0, 1] == pytest.approx(math.log(4.0)) and s[0, 2] == 0
+    alpha = L.path_weights(s, mask, 0.5)
+    assert alpha[0].tolist() == pytest.approx([16 / 17, 1 / 17, 0.0])  # tokens^-2
+    share = L.entropy_share(alpha, mask)
+    assert share[1] == pytest.approx(1.0) and 0 < share[0] < 1
+    assert torch.isnan(L.entropy_share(torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])))[0]
+    x = torch.tensor([[1.0, 2.0, 3.0], [5.0, 7.0, 0.0]])
+    m = torch.tensor([[True, True, True], [True, True, False]])
+    assert L.within_question_slope(x, 2 * x + torch.tensor([[9.0], [-4.0]]), m) == pytest.approx(2.0)
+    assert L.within_question_corr(x, -x, m) == pytest.approx(-1.0)
+    assert math.isnan(L.within_question_slope(torch.ones(1, 2), x[:1, :2], m[:1, :2]))
+
+
 # ---------------------------------------------------------------- training on a tiny student
 
 
@@ -206,8 +255,15 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(method: str, tmp_pat
     else:
         assert all(r["jsd"] >= 0 for r in h) and (curves / "jsd.tsv").exists()
     if method == "mind":
-        for name in ("meta_loss", "spearman", "mean_selected", "alpha_entropy"):
+        for name in ("meta_loss", "spearman", "mean_selected", "alpha_entropy", "alpha_entropy_share",
+                     "oracle_alpha_entropy_share", "ta_fit", "ta_score_slope", "selected_share"):
             assert (curves / f"{name}.tsv").exists()
+        for name in ("alpha_entropy_share", "oracle_alpha_entropy_share", "ta_fit", "ta_score_slope", "selected_share",
+                     "alpha_length_corr"):
+            assert isinstance(m[name], float), name
+        assert 0 < m["alpha_entropy_share"] <= 1 and 0 < m["selected_share"] <= 1
+        assert set(m["alpha_share"]) == set(PERSPECTIVES[:4]) and (curves / "alpha_share" / "Analogy.tsv").exists()
+        assert (out / "alpha_share.png").stat().st_size > 0
         assert len(m["ta_warmup"]) == 2
         ta = torch.load(out / "ta.pt", weights_only=False)
         net = TeachingAssistant(**ta["config"])
@@ -249,16 +305,16 @@ def test_fdic_phases_in_a_run(tmp_path: Path, filtered: Path, tiny: Path, encode
 
     events: list[tuple[str, float]] = []
     snapshot: dict[str, torch.Tensor] = {}
-    real_step, real_micro, real_load = Fdic.step, D.micro_losses, D.load_student
+    real_fit, real_micro, real_load = Fdic.fit, D.micro_losses, D.load_student
 
     def load_student(cfg: D.DistillConfig) -> tuple[object, object]:
         model, tok = real_load(cfg)
         snapshot.update({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
         return model, tok
 
-    def step(self: Fdic, average: object) -> None:
-        events.append(("ta", self.opt.param_groups[0]["lr"]))
-        real_step(self, average)  # type: ignore[arg-type]
+    def fit(self: Fdic, lr: float, average: object) -> float | None:
+        events.append(("ta", lr))
+        return real_fit(self, lr, average)  # type: ignore[arg-type]
 
     def micro_losses(cfg: D.DistillConfig, model: object, batch: D.Batch, device: torch.device, fdic: Fdic | None,
                      accelerator: object, clock: int) -> tuple:
@@ -271,7 +327,7 @@ def test_fdic_phases_in_a_run(tmp_path: Path, filtered: Path, tiny: Path, encode
         return real_micro(cfg, model, batch, device, fdic, accelerator, clock)
 
     monkeypatch.setattr(D, "load_student", load_student)
-    monkeypatch.setattr(Fdic, "step", step)
+    monkeypatch.setattr(Fdic, "fit", fit)
     monkeypatch.setattr(D, "micro_losses", micro_losses)
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", max_steps=5, grad_accum=2, ta_warmup_steps=3,
                    ta_accum_steps=3, ta_lr=1e-3, ta_joint_lr=2e-5))

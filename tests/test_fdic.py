@@ -1,5 +1,6 @@
 """FDIC's state and rules without a training loop: the inertia rule and its μ = 0 ablation, the
-warm-up and joint-phase TA updates, resumable accumulation, and the TA's own RNG."""
+warm-up and joint-phase TA steps (each a re-fit of the inertia table), resumable TA state, and
+the TA's own RNG."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _cfg(**kw: object) -> FdicConfig:
     base = dict(hidden_dim=16, num_heads=4, synergy=True, score_heads=1, dropout=0.2, lr=1e-2, joint_lr=1e-3,
-                accum_steps=4, mu=0.5, seed=0)
+                accum_steps=4, updates=3, mu=0.5, tau=0.5, seed=0)
     base.update(kw)
     return FdicConfig(**base)  # type: ignore[arg-type]
 
 
+# Four questions of three paths each: path ids 0..11.
+QUESTIONS = torch.arange(12).view(4, 3)
+
+
 def _fdic(**kw: object) -> Fdic:
-    emb = torch.randn(12, 10, generator=torch.Generator().manual_seed(5))
-    return build_fdic(emb, _cfg(**kw), torch.device("cpu"))
+    emb = torch.randn(12, 11, generator=torch.Generator().manual_seed(5))
+    return build_fdic(emb, QUESTIONS, _cfg(**kw), torch.device("cpu"))
 
 
 def _table(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,78 +95,82 @@ def test_update_ema_returns_the_batch_grid_of_the_smoothed_losses() -> None:
 # ---------------------------------------------------------------- the two phases
 
 
-def _meta(fdic: Fdic, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    path_ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    return L.listnet_kl(fdic.scores(path_ids, mask, train=True), torch.rand(2, 3, generator=g) * 3, mask, 0.5)
+def _observe(fdic: Fdic, questions: list[int], clock: int, seed: int) -> None:
+    """Random per-path losses for ``questions`` into the inertia table."""
+    ids = QUESTIONS[questions]
+    losses = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) * 3
+    update_ema(fdic, ids, ids >= 0, losses, clock, slots=ids.numel(), gather=lambda t: t)
 
 
 def _params(fdic: Fdic) -> list[torch.Tensor]:
     return [p.detach().clone() for p in fdic.ta.parameters()]
 
 
-def test_warmup_steps_every_micro_batch_at_ta_lr_then_joint_lr() -> None:
+def test_a_ta_step_fits_every_question_with_two_smoothed_losses() -> None:
     fdic = _fdic()
-    assert fdic.opt.param_groups[0]["lr"] == 1e-2
+    assert fdic.warmup_step(None) is None  # nothing seen yet: no step
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    # question 0 fully seen, question 1 with one path only: a single loss ranks nothing
+    update_ema(fdic, ids, torch.tensor([[True, True, True], [True, False, False]]), torch.ones(2, 3), 0, 6,
+               lambda t: t)
+    table, mask = fdic.table()
+    assert table.tolist() == [[0, 1, 2]] and mask.all()
+    update_ema(fdic, torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2), 0, 2, lambda t: t)
+    assert fdic.table()[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_warmup_steps_at_ta_lr_and_joint_steps_at_joint_lr_every_accum_steps() -> None:
+    fdic = _fdic(accum_steps=4)
+    _observe(fdic, [0, 1], 0, seed=0)
     before = _params(fdic)
-    fdic.warmup_step(_meta(fdic, 0), None)
+    assert fdic.warmup_step(None) is not None
+    assert fdic.opt.param_groups[0]["lr"] == 1e-2
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(fdic)))
     assert all(p.grad is None or not p.grad.any() for p in fdic.ta.parameters())  # cleared after the step
-    fdic.start_joint()
-    assert [g["lr"] for g in fdic.opt.param_groups] == [1e-3]
-
-
-def test_joint_phase_steps_the_ta_every_accum_steps_micro_batches() -> None:
-    fdic = _fdic(accum_steps=4)
-    fdic.start_joint()
     stepped = []
     for micro in range(10):
+        _observe(fdic, [micro % 4], micro, seed=micro)
         before = _params(fdic)
-        did = fdic.joint_micro(_meta(fdic, micro), micro, None)
-        moved = any(not torch.equal(a, b) for a, b in zip(before, _params(fdic)))
-        assert did == moved
+        did = fdic.joint_micro(micro, None)
+        assert did == any(not torch.equal(a, b) for a, b in zip(before, _params(fdic)))
         stepped.append(did)
     assert [i for i, s in enumerate(stepped) if s] == [3, 7]
+    assert fdic.opt.param_groups[0]["lr"] == 1e-3
 
 
-def test_joint_accumulation_is_the_mean_of_the_window() -> None:
-    """Four accumulated micro-batches step the TA like one step on their mean meta loss."""
-    a, b = _fdic(accum_steps=4), _fdic(accum_steps=4)
+def test_a_ta_step_is_updates_adamw_steps_on_the_whole_table() -> None:
+    """The TA step equals ``updates`` hand-made AdamW steps of the ListNet-KL meta loss on every
+    smoothed loss in the table, with the TA's own dropout draws."""
+    a, b = _fdic(updates=3), _fdic(updates=3)
     for f in (a, b):
-        f.start_joint()
-    for micro in range(4):
-        a.joint_micro(_meta(a, micro), micro, None)
-    # b: the same dropout draws, summed into one backward.
-    total = sum(_meta(b, micro) for micro in range(4)) / 4
-    total.backward()
-    b.step(None)
+        _observe(f, [0, 1, 2], 0, seed=1)
+    a.warmup_step(None)
+    ids, mask = b.table()
+    for _ in range(3):
+        meta = L.listnet_kl(b.scores(ids, mask, train=True), b.smoothed(ids, mask), mask, 0.5)
+        meta.backward()
+        b.opt.step()
+        b.opt.zero_grad()
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(_params(a), _params(b)))
 
 
-def test_pending_gradients_and_rng_survive_a_checkpoint() -> None:
-    """Stop after 3 of 4 accumulated micro-batches, restore into a fresh Fdic, finish the window:
-    the same TA as without the stop (finding 1: the old loop restarted its counter and lost the
-    pending gradients)."""
+def test_the_ta_state_survives_a_checkpoint() -> None:
+    """Stop mid-window, restore into a fresh Fdic, go on: the same TA as without the stop."""
+    def joint(f: Fdic, micros: range) -> None:
+        for micro in micros:
+            _observe(f, [micro % 4], micro, seed=micro)
+            f.joint_micro(micro, None)
+
     straight = _fdic(accum_steps=4)
-    straight.start_joint()
-    for micro in range(6):
-        straight.joint_micro(_meta(straight, micro), micro, None)
-
+    joint(straight, range(10))
     first = _fdic(accum_steps=4)
-    first.start_joint()
-    for micro in range(3):
-        first.joint_micro(_meta(first, micro), micro, None)
-    state, pending = first.state_dict(), first.pending_grads()
-    assert any(g is not None and g.abs().sum() > 0 for g in pending)
-
+    joint(first, range(5))
     resumed = _fdic(accum_steps=4)
-    resumed.load_state_dict(state)
-    resumed.load_pending_grads(pending)
-    for micro in range(3, 6):
-        resumed.joint_micro(_meta(resumed, micro), micro, None)
+    resumed.load_state_dict(first.state_dict())
+    joint(resumed, range(5, 10))
     assert all(torch.allclose(x, y, atol=1e-7) for x, y in zip(_params(straight), _params(resumed)))
     assert torch.equal(straight.rng.get_state(), resumed.rng.get_state())
+    assert torch.equal(straight.ema, resumed.ema)
 
 
 # ---------------------------------------------------------------- RNG isolation
@@ -172,10 +181,10 @@ def test_the_ta_never_draws_from_the_global_rng() -> None:
     where it was, so the student's dropout masks do not depend on the method."""
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    fdic = _fdic(dropout=0.5)
-    fdic.warmup_step(_meta(fdic, 0), None)
-    fdic.start_joint()
-    fdic.joint_micro(_meta(fdic, 1), 0, None)
+    fdic = _fdic(dropout=0.5, accum_steps=1)
+    _observe(fdic, [0, 1], 0, seed=0)
+    fdic.warmup_step(None)
+    fdic.joint_micro(0, None)
     assert torch.equal(torch.get_rng_state(), state)
 
 

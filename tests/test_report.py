@@ -341,3 +341,27 @@ def test_ablations_get_their_table_and_are_paired_with_mind(tmp_path: Path) -> N
     assert set(paired["mind-beta0"]) == {"vs_base", "vs_mind"}
     assert paired["mind-beta0"]["vs_mind"]["embedded"]["delta"] == pytest.approx(-0.1)
     assert "vs_mind" not in paired["single"]  # only ablations are paired with mind
+
+
+def test_what_the_ta_did_reports_each_weighted_students_figures(tmp_path: Path) -> None:
+    """A section for every student whose distill metrics report weights (mind here); none for the
+    others (single has no weights), and none at all when no student folder has metrics."""
+    metrics_dir = build_metrics(tmp_path)
+    students = tmp_path / "students"
+    atomic_write_json(students / "mind" / "metrics.json", {
+        "alpha_entropy_share": 0.9, "oracle_alpha_entropy_share": 0.8, "ta_fit": 0.5, "ta_score_slope": 0.61,
+        "selected_share": 0.875, "alpha_length_corr": -0.42, "alpha_share": {"Analogy": 1.25, "Socratic": 0.75}})
+    atomic_write_json(students / "single" / "metrics.json", {"method": "single"})
+    cfg = ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "summary.md", plot=tmp_path / "p.png",
+                       eval_dir=tmp_path / "eval", paired_metrics=tmp_path / "paired.json", students_dir=students,
+                       bootstrap_resamples=200)
+    run(cfg)
+    md = cfg.summary.read_text()
+    start = md.index("## What the TA did")
+    section = md[start: md.index("\n## ", start + 1) if "\n## " in md[start + 1:] else len(md)]
+    assert "| `mind` | 0.90 | 0.80 | 0.50 | 0.61 | 0.88 | -0.42 |" in section
+    assert "| `mind` | 1.25 | 0.75 |" in section and "`single`" not in section
+    run(ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "s2.md", plot=tmp_path / "p2.png",
+                     eval_dir=tmp_path / "eval", paired_metrics=tmp_path / "paired2.json",
+                     students_dir=tmp_path / "none", bootstrap_resamples=200))
+    assert "What the TA did" not in (tmp_path / "s2.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,14 @@ from pipeline.ta import TeachingAssistant, embed_paths, encode_texts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _ta(synergy: bool = True, dim: int = 12) -> TeachingAssistant:
+def _ta(synergy: bool = True, dim: int = 13) -> TeachingAssistant:
     torch.manual_seed(0)
     return TeachingAssistant(dim, hidden_dim=16, num_heads=4, synergy=synergy, score_heads=2, dropout=0.0).eval()
 
 
 def test_shapes_and_padding_scores() -> None:
     ta = _ta()
-    emb = torch.randn(3, 5, 12)
+    emb = torch.randn(3, 5, 13)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     s = ta(emb, mask)
     assert s.shape == (3, 5)
@@ -34,11 +35,11 @@ def test_shapes_and_padding_scores() -> None:
 def test_missing_path_changes_neither_other_scores_nor_student_loss(synergy: bool) -> None:
     ta = _ta(synergy)
     g = torch.Generator().manual_seed(3)
-    emb = torch.randn(2, 4, 12, generator=g)
+    emb = torch.randn(2, 4, 13, generator=g)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     s1 = ta(emb, mask)
     emb2 = emb.clone()
-    emb2[~mask] = torch.randn(int((~mask).sum()), 12, generator=g) * 100  # garbage in the padding slots
+    emb2[~mask] = torch.randn(int((~mask).sum()), 13, generator=g) * 100  # garbage in the padding slots
     s2 = ta(emb2, mask)
     assert torch.allclose(s1, s2, atol=1e-6)
     # The same questions with the padding slots cut off score identically.
@@ -53,27 +54,56 @@ def test_missing_path_changes_neither_other_scores_nor_student_loss(synergy: boo
     assert float(L.student_loss(ce, alpha1, jsd, 0.5)[0]) == pytest.approx(float(L.student_loss(ce2, alpha2, jsd, 0.5)[0]))
 
 
-def test_synergy_layer_mixes_paths_and_can_be_switched_off() -> None:
-    emb = torch.randn(1, 3, 12)
-    mask = torch.ones(1, 3, dtype=torch.bool)
-    emb_changed = emb.clone()
-    emb_changed[0, 2] += 5.0  # change path 2 only
+def test_synergy_layer_mixes_paths_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without synergy a path's score is a function of its own row of ``path_features``; with it,
+    of the other paths' rows too."""
+    import pipeline.ta as T
+
+    emb, mask = torch.randn(1, 3, 13), torch.ones(1, 3, dtype=torch.bool)
+    feats = T.path_features(emb, mask)
+    changed = feats.clone()
+    changed[0, 2] += 5.0  # change path 2's row only
     on, off = _ta(True), _ta(False)
-    # With synergy, path 0's score depends on path 2; without it, it does not.
-    assert not torch.allclose(on(emb, mask)[0, 0], on(emb_changed, mask)[0, 0])
-    assert torch.allclose(off(emb, mask)[0, 0], off(emb_changed, mask)[0, 0])
+
+    def scores(ta: TeachingAssistant, x: torch.Tensor) -> torch.Tensor:
+        monkeypatch.setattr(T, "path_features", lambda e, m: x)
+        return ta(emb, mask)[0, 0]
+
+    assert not torch.allclose(scores(on, feats), scores(on, changed))
+    assert torch.allclose(scores(off, feats), scores(off, changed))
+
+
+def test_path_features_relate_each_path_to_its_question_and_siblings() -> None:
+    """On literal vectors: a rationale unlike its question and its siblings gets the lowest
+    centred cosines, the relational inputs sum to 0 over a question's real paths, and padding
+    (and what it holds) changes nothing."""
+    import pipeline.ta as T
+
+    q = torch.tensor([1.0, 0.0, 0.0])
+    rs = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [9.0, 9.0, 9.0]])  # the last is padding
+    lens = torch.tensor([[3.0], [4.0], [5.0], [7.0]])
+    emb = torch.cat([q.expand(4, 3), rs, lens], dim=-1)[None]
+    mask = torch.tensor([[True, True, True, False]])
+    x = T.path_features(emb, mask)
+    assert x.shape == (1, 4, 3 + 3 + 3)
+    q_cos, sib, length = x[0, :3, 6] / T.RELATION_SCALE, x[0, :3, 7] / T.RELATION_SCALE, x[0, :3, 8] / T.RELATION_SCALE
+    assert q_cos.tolist() == pytest.approx([1 - 0.6, 0.8 - 0.6, 0 - 0.6])
+    assert sib.tolist() == pytest.approx([0.4 - 0.8 / 3, 0.4 - 0.8 / 3, 0.0 - 0.8 / 3])  # mean sibling cosines 0.4, 0.4, 0
+    assert length.tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    assert torch.all(x[0, 3] == 0)
+    assert torch.allclose(x[0, :3, 3:6].sum(dim=0), torch.zeros(3), atol=1e-6)  # r - mean r
 
 
 def test_refuses_a_question_without_paths() -> None:
     with pytest.raises(ValueError, match="at least one real path"):
-        _ta()(torch.randn(1, 2, 12), torch.zeros(1, 2, dtype=torch.bool))
+        _ta()(torch.randn(1, 2, 13), torch.zeros(1, 2, dtype=torch.bool))
 
 
 def test_ta_learns_to_rank_synthetic_losses() -> None:
     """Per-path losses are a hidden function of the embeddings; after a few hundred ListNet-KL
     steps the TA's scores must rank held-out paths like -loss (Spearman >= 0.8)."""
     torch.manual_seed(0)
-    D, K = 16, 4
+    D, K = 17, 4
     w = torch.randn(D)
 
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +133,8 @@ def test_embeddings_are_cached_per_text(encoder_dir: Path, tmp_path: Path, monke
     q = ["What is 2 + 3?", "What is 2 + 3?", "Sam has 4 apples."]
     r = ["2 + 3 = 5. The answer is 5.", "Add them: 5. The answer is 5.", "He has 4. The answer is 4."]
     emb = embed_paths(q, r, str(encoder_dir), tmp_path)
-    assert emb.shape == (3, 2 * 384)
+    assert emb.shape == (3, 2 * 384 + 1)
+    assert emb[0, -1] == pytest.approx(math.log(len(r[0])))  # ln chars of the rationale
     assert torch.allclose(emb[0, :384], emb[1, :384])  # same question, same half
     assert not torch.allclose(emb[0, 384:], emb[1, 384:])
     assert torch.allclose(emb[0, 384:].norm(), torch.tensor(1.0), atol=1e-4)
@@ -126,20 +157,20 @@ def test_score_heads_are_independent_not_one_linear_map() -> None:
     averaged weights does not reproduce (with heads sharing a GELU and only a linear map after
     it, it would, exactly)."""
     torch.manual_seed(0)
-    two = TeachingAssistant(12, hidden_dim=16, num_heads=4, score_heads=2, dropout=0.0).eval()
+    two = TeachingAssistant(13, hidden_dim=16, num_heads=4, score_heads=2, dropout=0.0).eval()
     assert len(two.heads) == 2
     assert two.heads[0][0].weight.data_ptr() != two.heads[1][0].weight.data_ptr()
-    one = TeachingAssistant(12, hidden_dim=16, num_heads=4, score_heads=1, dropout=0.0).eval()
+    one = TeachingAssistant(13, hidden_dim=16, num_heads=4, score_heads=1, dropout=0.0).eval()
     state = {k: v for k, v in two.state_dict().items() if not k.startswith("heads.")}
     for name, _ in one.heads[0].named_parameters():
         state[f"heads.0.{name}"] = (two.heads[0].get_parameter(name) + two.heads[1].get_parameter(name)) / 2
     one.load_state_dict(state)
-    emb, mask = torch.randn(4, 3, 12), torch.ones(4, 3, dtype=torch.bool)
+    emb, mask = torch.randn(4, 3, 13), torch.ones(4, 3, dtype=torch.bool)
     with torch.no_grad():
         assert not torch.allclose(one(emb, mask), two(emb, mask), atol=1e-4)
         # ... while two copies of one head score exactly like that head.
         one.heads.append(copy.deepcopy(one.heads[0]))
-        single = TeachingAssistant(12, hidden_dim=16, num_heads=4, score_heads=1, dropout=0.0).eval()
+        single = TeachingAssistant(13, hidden_dim=16, num_heads=4, score_heads=1, dropout=0.0).eval()
         single.load_state_dict(state)
         assert torch.allclose(one(emb, mask), single(emb, mask), atol=1e-6)
 
@@ -156,7 +187,7 @@ def test_no_synergy_removes_the_attention_only() -> None:
         off.attn.out_proj.bias.zero_()
         on.norm.weight.mul_(3.0)  # a LayerNorm that is not the identity
         off.norm.weight.mul_(3.0)
-    emb, mask = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.bool)
+    emb, mask = torch.randn(2, 3, 13), torch.ones(2, 3, dtype=torch.bool)
     assert torch.allclose(on(emb, mask), off(emb, mask), atol=1e-6)
     with torch.no_grad():
         off.norm.weight.mul_(2.0)
@@ -165,8 +196,8 @@ def test_no_synergy_removes_the_attention_only() -> None:
 
 def test_dropout_draws_from_the_given_generator_only() -> None:
     torch.manual_seed(0)
-    ta = TeachingAssistant(12, hidden_dim=16, num_heads=4, dropout=0.5).train()
-    emb, mask = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.bool)
+    ta = TeachingAssistant(13, hidden_dim=16, num_heads=4, dropout=0.5).train()
+    emb, mask = torch.randn(2, 3, 13), torch.ones(2, 3, dtype=torch.bool)
     state = torch.get_rng_state()
     a = ta(emb, mask, torch.Generator().manual_seed(1))
     b = ta(emb, mask, torch.Generator().manual_seed(1))
