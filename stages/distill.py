@@ -727,10 +727,17 @@ def save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, state: dict[st
 
 
 def reduce_record(accelerator: Any, acc: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each figure over micro-batches, then over processes (NaNs skipped)."""
+    """Mean of each figure over micro-batches, then over processes (NaNs skipped). Every process
+    reduces the union of all processes' figures: one that saw no path of a perspective this step
+    has no such key, and a collective called on some processes only would hang."""
+    keys = sorted(acc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = sorted(set(gather_object(keys)))
     rec = {}
-    for k in sorted(acc):
-        vals = [x for x in acc[k] if not math.isnan(x)]
+    for k in keys:
+        vals = [x for x in acc.get(k, []) if not math.isnan(x)]
         local = torch.tensor([sum(vals), float(len(vals))], device=accelerator.device, dtype=torch.float64)
         total = accelerator.reduce(local, "sum")
         rec[k] = float(total[0] / total[1]) if float(total[1]) > 0 else float("nan")

@@ -522,6 +522,10 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path: Path, filtered: Path, ti
     out = tmp_path / "students" / "mind"
     m = json.loads((out / "metrics.json").read_text())
     assert m["processes"] == 2 and m["steps"] == 3
+    # Each process holds one question of 2-4 paths, so their perspectives differ within a step: the
+    # per-perspective figures are reduced over the union of both processes' keys.
+    assert set(m["alpha_share"]) == set(PERSPECTIVES[:4])
+    assert all(0 < v <= 4 for v in m["alpha_share"].values())
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "ta.pt").exists()
     assert (out / "merged" / "model.safetensors").exists()
     assert "2 process(es) on cpu" in proc.stderr and "(gloo)" in proc.stderr
