@@ -79,7 +79,7 @@ from torch import Tensor
 
 from pipeline import losses as L
 from pipeline.answers import ANSWER_TYPES
-from pipeline.config import ConfigError, check, from_dict, to_dict
+from pipeline.config import ConfigError, check, from_dict, shown, to_dict
 from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.models import torch_dtype
@@ -339,7 +339,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
             raise ConfigError(f"{where}: field question is empty")
         if r["answer_type"] not in ANSWER_TYPES:
             # The answer instruction depends on it: a silent default would train the wrong prompt.
-            raise ConfigError(f"{where}: field answer_type {str(r['answer_type'])[:40]!r} is not one of {ANSWER_TYPES}")
+            raise ConfigError(f"{where}: field answer_type {shown(r['answer_type'])} is not one of {ANSWER_TYPES}")
         by_q[r["question_id"]].append(r)
 
     units: list[QuestionUnit] = []

@@ -678,3 +678,28 @@ def test_messages_name_physical_lines_read_bom_files_and_stay_short(tmp_path: Pa
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=rf"{out}: shard shard-00001.arrow has schema .*int64.*, shard shard-00000"):
         read_table(out)
+
+
+def test_distill_settings_are_checked_before_any_division_and_answer_type_is_required(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``distill.ta_heads: 0`` is one line from every stage (it was a ZeroDivisionError in the
+    check, before any stage ran); a filtered set whose rows lack a known ``answer_type`` is an
+    error naming file, row and field, not a silent fall-back to the number instruction."""
+    from transformers import AutoTokenizer
+
+    from distill_helpers import filtered_rows
+    from stages import distill as D
+    from stages.filter import FILTERED_SCHEMA
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"distill": {"ta_heads": 0}}))
+    line = cli_error(caplog, "prepare", "--params", str(params))
+    assert "distill.ta_heads must be >= 1" in line
+
+    rows = filtered_rows(2)
+    rows[1]["answer_type"] = None
+    write_shards(tmp_path / "f", rows, FILTERED_SCHEMA, {})
+    tok = AutoTokenizer.from_pretrained(REPO / ".cache/test-models/smollm2-135m-instruct")
+    with pytest.raises(ConfigError, match=r"f: row 1 \(question_id q000.*field answer_type None is not one of"):
+        D.load_units(D.DistillConfig(filtered_dir=tmp_path / "f"), tok)
