@@ -1,6 +1,6 @@
 """Question loaders and normalisation: every benchmark format becomes the question columns.
 
-Columns (DESIGN.md): ``id``, ``task``, ``question``, ``answer`` (canonical gold string),
+Columns (``QUESTION_SCHEMA``): ``id``, ``task``, ``question``, ``answer`` (canonical gold string),
 ``answer_type`` (number | choice | yesno | math), ``choices`` (list of option texts, may be
 empty), ``source``.
 
