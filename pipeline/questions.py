@@ -550,7 +550,7 @@ def load_math500(path: Path) -> Iterator[RawQuestion | BadRow]:
         yield _guard(build)
 
 
-def load_gpqa(path: Path, seed: int = 0) -> Iterator[RawQuestion | BadRow]:
+def load_gpqa(path: Path) -> Iterator[RawQuestion | BadRow]:
     """GPQA CSV: the correct answer and three distractors, shuffled per question.
 
     The option order is seeded by the question text, so it is the same on every run and
@@ -568,7 +568,8 @@ def load_gpqa(path: Path, seed: int = 0) -> Iterator[RawQuestion | BadRow]:
             options = [correct, *wrong]
             if any(not _visible(o) for o in options):
                 return BadRow(where, "Correct Answer/Incorrect Answer", "empty option")
-            digest = hashlib.sha256(f"{seed}:{question}".encode("utf-8", "surrogatepass")).hexdigest()
+            # The "0:" prefix keeps the option order every earlier prepare run wrote.
+            digest = hashlib.sha256(f"0:{question}".encode("utf-8", "surrogatepass")).hexdigest()
             random.Random(int(digest[:16], 16)).shuffle(options)
             return RawQuestion(where, question, LETTERS[options.index(correct)], options,
                                raw_id=_raw_id(where, obj, "Record ID"))

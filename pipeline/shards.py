@@ -320,7 +320,6 @@ def write_shards(
     config: dict[str, Any],
     *,
     shard_size: int = 10_000,
-    extra: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``rows`` as a fresh shard folder in chunks of ``shard_size``, with ``stats``
@@ -339,7 +338,7 @@ def write_shards(
                 buf = []
         if buf or not wrote_any:
             writer.write(buf)  # an empty result is still one (empty) shard, so readers see the schema
-        manifest = writer.close(extra)
+        manifest = writer.close()
         if stats is not None:
             atomic_write_json(tmp / STATS, stats)
     return manifest
