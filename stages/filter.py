@@ -268,7 +268,7 @@ def llm_judge(llm: LLM, items: Sequence[tuple[str, str, str]], max_tokens: int =
 
 
 def judge_undecided_with_llm(
-    rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], cfg: FilterConfig, llm: LLM | None
+    rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], cfg: FilterConfig
 ) -> Counter[str]:
     """``judge: llm``: rows without an extracted answer (and not truncated) go to the judge
     model; a "yes" marks them correct. Returns counts (undecided, yes, no, unclear)."""
@@ -280,16 +280,13 @@ def judge_undecided_with_llm(
     for r in undecided:
         q = questions[r["question_id"]]
         items.append((format_question(q), _gold_for_judge(q), r["text"]))
-    own = llm is None
-    if own:
-        from pipeline.engine import load_llm, unload_llm
+    from pipeline.engine import load_llm, unload_llm
 
-        llm = load_llm(cfg.judge_model, cfg.judge_engine)
+    llm = load_llm(cfg.judge_model, cfg.judge_engine)
     try:
         verdicts = llm_judge(llm, items, cfg.judge_max_tokens)
     finally:
-        if own:
-            unload_llm(llm)
+        unload_llm(llm)
     for r, verdict in zip(undecided, verdicts):
         counts[f"llm_{verdict or 'unclear'}"] += 1
         r["correct"] = verdict == "yes"
@@ -511,9 +508,8 @@ def too_few_message(stats: dict[str, Any], cfg: FilterConfig) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
-    """Judge, filter and select rationales into data/filtered/ (``judge_llm``: an engine to
-    reuse for ``judge: llm`` instead of loading ``judge_model``)."""
+def run(cfg: FilterConfig) -> dict[str, Any]:
+    """Judge, filter and select rationales into data/filtered/."""
     config = to_dict(cfg)
     questions = load_questions(cfg.questions_dir)
     rows = load_rationales(cfg.rationales_dir, questions)
@@ -523,7 +519,7 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
     judge_rows(rows, questions)
     judge_counts: Counter[str] = Counter(rules_undecided=sum(r["pred_answer"] is None for r in rows))
     if cfg.judge == "llm":
-        judge_counts.update(judge_undecided_with_llm(rows, questions, cfg, judge_llm))
+        judge_counts.update(judge_undecided_with_llm(rows, questions, cfg))
 
     by_question: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:

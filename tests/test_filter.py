@@ -405,7 +405,9 @@ def test_near_duplicates_with_the_real_encoder(tmp_path: Path, inputs: tuple[Pat
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_llm_judge_on_the_embedded_model(tmp_path: Path, inputs: tuple[Path, Path], embedded_llm: Any) -> None:
+def test_llm_judge_on_the_embedded_model(
+    tmp_path: Path, inputs: tuple[Path, Path], embedded_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     long = "Let me count the apples one by one again. " * 400 + "So the answer is 8."  # > max_model_len
     assert len(embedded_llm.get_tokenizer().encode(long)) > embedded_llm.model_config.max_model_len
     verdicts = F.llm_judge(embedded_llm, [
@@ -431,7 +433,10 @@ def test_llm_judge_on_the_embedded_model(tmp_path: Path, inputs: tuple[Path, Pat
     assert verdicts == [extract_yesno(o[0].text) for o in raw]
 
     cfg = make_cfg(tmp_path, *inputs, judge="llm", max_questions=10)
-    stats = F.run(cfg, judge_llm=embedded_llm)
+    # The stage's judge is the session's engine: loading a second one costs minutes on CPU.
+    monkeypatch.setattr("pipeline.engine.load_llm", lambda model, engine_cfg: embedded_llm)
+    monkeypatch.setattr("pipeline.engine.unload_llm", lambda llm: None)
+    stats = F.run(cfg)
     judge = stats["judge"]
     # Only r15 has no extractable answer (r5 is truncated and not sent).
     assert judge["mode"] == "llm" and judge["rules_undecided"] == 1 and judge["llm_judged"] == 1
