@@ -33,11 +33,11 @@ import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 AnswerType = Literal["number", "choice", "yesno", "math"]
-ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yesno", "math")
-LETTERS = "ABCDEFGHIJ"  # the same letters as pipeline.questions.format_question
+ANSWER_TYPES: tuple[str, ...] = get_args(AnswerType)
+LETTERS = "ABCDEFGHIJ"  # option labels: gold letters, and the "(A) ..." lines of pipeline.questions.format_question
 
 # ---------------------------------------------------------------- the answer sentence
 

@@ -25,11 +25,9 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from pipeline.answers import LETTERS, AnswerType
 from pipeline.config import InputError, described, kind_of, shown
 from pipeline.sample import embedded_splits
-
-AnswerType = Literal["number", "choice", "yesno", "math"]
-LETTERS = "ABCDEFGHIJ"
 
 QUESTION_SCHEMA = pa.schema(
     [

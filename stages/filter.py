@@ -67,7 +67,7 @@ from tqdm import tqdm
 from pipeline import answers as A
 from pipeline.config import check, described, shown, to_dict
 from pipeline.engine import EngineConfig
-from pipeline.questions import LETTERS, format_question
+from pipeline.questions import format_question
 from pipeline.shards import (MANIFEST, STATS, ShardError, atomic_write_json, atomic_write_text, read_table,
                              replacing_all, write_shards)
 from stages.cli import field
@@ -230,7 +230,7 @@ def judge_rows(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]])
 
 def _gold_for_judge(q: dict[str, Any]) -> str:
     if q["answer_type"] == "choice" and q["choices"]:
-        return f"({q['answer']}) {q['choices'][LETTERS.index(q['answer'])]}"
+        return f"({q['answer']}) {q['choices'][A.LETTERS.index(q['answer'])]}"
     return q["answer"]
 
 
