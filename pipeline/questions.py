@@ -20,12 +20,13 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
-from pipeline.answers import LETTERS, AnswerType
+from pipeline.answers import LETTERS, AnswerType, format_number
 from pipeline.config import InputError, described, kind_of, shown
 from pipeline.sample import embedded_splits
 
@@ -103,15 +104,6 @@ def _gold_decimal(value: Any) -> Decimal:
     return d
 
 
-def canonical_number(value: Any) -> str:
-    """'1,250.00' -> '1250', '5.0' -> '5', '-3' -> '-3', '0.50' -> '0.5' (the rule above).
-    Raises ValueError."""
-    d = _gold_decimal(value)
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
 def canonical_answer(value: Any, answer_type: AnswerType, num_choices: int = 0) -> str:
     """The canonical gold string for ``answer_type``; raises ValueError with the reason."""
     if value is None:
@@ -119,7 +111,7 @@ def canonical_answer(value: Any, answer_type: AnswerType, num_choices: int = 0) 
     if isinstance(value, str) and not value.strip():
         raise ValueError("empty answer")
     if answer_type == "number":
-        return canonical_number(value)
+        return format_number(Fraction(_gold_decimal(value)))  # '1,250.00' -> '1250', '0.50' -> '0.5'
     if answer_type == "choice":
         if not isinstance(value, str):
             raise ValueError(f"expected a choice letter, got {described(value)}")

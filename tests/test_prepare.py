@@ -183,7 +183,7 @@ def test_real_reference_datasets_load_in_full(tmp_path: Path, shared_data: Path,
     assert len({r["id"] for r in rows}) == count
     assert {r["answer_type"] for r in rows} == {answer_type}
     if answer_type == "number":
-        assert all(Q.canonical_number(r["answer"]) == r["answer"] for r in rows)
+        assert all(Q.canonical_answer(r["answer"], "number") == r["answer"] for r in rows)
     if answer_type == "choice":
         assert all(len(r["choices"]) == 5 and r["answer"] in "ABCDE" for r in rows)
     if answer_type == "yesno":
