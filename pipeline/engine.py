@@ -42,8 +42,9 @@ if TYPE_CHECKING:  # vLLM is imported lazily: importing it is slow and it is abs
 log = logging.getLogger("mind.engine")
 
 # Unless told otherwise, vLLM on CPU reserves one core for itself; on a 2-core host that
-# halves throughput. Harmless on GPU hosts. (stages/app.py sets it too; tests and scripts
-# that import this module directly get it here.)
+# halves throughput. Harmless on GPU hosts. The one place it is set: every engine is made in
+# this module, vLLM reads the variable when an engine starts, and the pool's worker processes
+# inherit it. A value in the environment still wins.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
