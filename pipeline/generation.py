@@ -34,21 +34,6 @@ from pipeline.shards import ShardError
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-RATIONALE_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("teacher", pa.string()),
-        ("perspective", pa.string()),
-        ("sample_index", pa.int32()),
-        ("prompt", pa.string()),
-        ("text", pa.string()),
-        ("finish_reason", pa.string()),
-        ("num_tokens", pa.int32()),
-        ("seed", pa.int64()),
-    ]
-)
-
-
 @dataclass
 class Sampling:
     temperature: float
@@ -169,7 +154,7 @@ def hf_generate(gen: HFGenerator, requests: list[Request], sampling: Sampling) -
 def to_rows(
     teacher: str, requests: list[Request], completions: list[list[Completion]], seeds: list[int] | None = None
 ) -> list[dict[str, Any]]:
-    """Rationale rows (one per sample) in the RATIONALE_SCHEMA column order."""
+    """Rationale rows (one per sample) in the ``pipeline.shards.RATIONALE_SCHEMA`` column order."""
     if len(completions) != len(requests):
         raise RuntimeError(f"backend returned {len(completions)} results for {len(requests)} requests")
     rows = []

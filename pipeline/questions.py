@@ -1,6 +1,6 @@
 """Question loaders and normalisation: every benchmark format becomes the question columns.
 
-Columns (``QUESTION_SCHEMA``): ``id``, ``task``, ``question``, ``answer`` (canonical gold string),
+Columns (``pipeline.shards.QUESTION_SCHEMA``): ``id``, ``task``, ``question``, ``answer`` (canonical gold string),
 ``answer_type`` (number | choice | yesno | math), ``choices`` (list of option texts, may be
 empty), ``source``.
 
@@ -29,19 +29,6 @@ import pyarrow as pa
 from pipeline.answers import LETTERS, AnswerType, format_number
 from pipeline.config import InputError, described, kind_of, shown
 from pipeline.sample import embedded_splits
-
-QUESTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("task", pa.string()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("answer_type", pa.string()),
-        ("choices", pa.list_(pa.string())),
-        ("source", pa.string()),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class BadRow:

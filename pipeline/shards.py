@@ -47,6 +47,50 @@ _RESERVED_NAMES = (MANIFEST, RUN_MARKER, STATS)
 
 log = logging.getLogger("mind.shards")
 
+# The row schemas of the folders one stage hands to the next, defined once each: ``prepare``
+# writes QUESTION_SCHEMA, ``generate`` RATIONALE_SCHEMA, and ``filter`` FILTERED_SCHEMA (the
+# rationale columns, then the judgement and the training text's columns, which ``distill`` reads).
+QUESTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("answer_type", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("source", pa.string()),
+    ]
+)
+
+RATIONALE_SCHEMA = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("teacher", pa.string()),
+        ("perspective", pa.string()),
+        ("sample_index", pa.int32()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("seed", pa.int64()),
+    ]
+)
+
+FILTERED_SCHEMA = pa.schema(
+    list(RATIONALE_SCHEMA)
+    + [
+        pa.field("pred_answer", pa.string()),
+        pa.field("correct", pa.bool_()),
+        pa.field("question_pass_rate", pa.float64()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("answer_type", pa.string()),
+        pa.field("answer_offset", pa.int32()),
+        pa.field("train_tokens", pa.int32()),
+        pa.field("rewrite", pa.string()),
+    ]
+)
+
 
 class ShardError(InputError):
     """An output folder is missing, incomplete or corrupted."""

@@ -84,7 +84,7 @@ from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.models import torch_dtype
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
-from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows, sha256_file
+from pipeline.shards import FILTERED_SCHEMA, atomic_write_json, config_hash, read_manifest, read_rows, sha256_file
 from pipeline.ta import embed_paths
 from stages.cli import field
 
@@ -97,8 +97,6 @@ Ablation = Literal["mind-no-synergy", "mind-ema0", "mind-beta0", "mind-length"]
 ABLATIONS: dict[str, dict[str, Any]] = {
     "mind-no-synergy": {"synergy": False}, "mind-ema0": {"ema_mu": 0.0}, "mind-beta0": {"beta": 0.0},
     "mind-length": {"scorer": "length"}}
-REQUIRED_COLUMNS = ("question_id", "teacher", "perspective", "sample_index", "text", "question", "answer_offset",
-                    "answer_type")
 # Keys that do not change what is trained: a checkpoint stays valid when only these change.
 _RESUME_NEUTRAL = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "out_root", "live_root",
                    "embedding_cache", "run_name", "cpu_threads", "ablations")
@@ -324,7 +322,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
     counts: dict[str, int] = defaultdict(int)
     counts["rows_read"] = len(rows)
     if rows:
-        missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+        missing = [c for c in FILTERED_SCHEMA.names if c not in rows[0]]
         if missing:
             raise ConfigError(f"{cfg.filtered_dir}: missing column(s) {missing}; is this a filtered set?")
     by_q: dict[str, list[dict[str, Any]]] = defaultdict(list)

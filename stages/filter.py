@@ -61,15 +61,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import answers as A
 from pipeline.config import check, described, shown, to_dict
 from pipeline.engine import EngineConfig
 from pipeline.questions import format_question
-from pipeline.shards import (MANIFEST, STATS, ShardError, atomic_write_json, atomic_write_text, read_table,
-                             replacing_all, write_shards)
+from pipeline.shards import (FILTERED_SCHEMA, MANIFEST, RATIONALE_SCHEMA, STATS, ShardError, atomic_write_json,
+                             atomic_write_text, read_table, replacing_all, write_shards)
 from stages.cli import field
 
 if TYPE_CHECKING:
@@ -77,31 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mind.filter")
 
-RATIONALE_COLUMNS = {
-    "question_id": pa.string(),
-    "teacher": pa.string(),
-    "perspective": pa.string(),
-    "sample_index": pa.int32(),
-    "prompt": pa.string(),
-    "text": pa.string(),
-    "finish_reason": pa.string(),
-    "num_tokens": pa.int32(),
-    "seed": pa.int64(),
-}
-FILTERED_SCHEMA = pa.schema(
-    list(RATIONALE_COLUMNS.items())
-    + [
-        ("pred_answer", pa.string()),
-        ("correct", pa.bool_()),
-        ("question_pass_rate", pa.float64()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("answer_type", pa.string()),
-        ("answer_offset", pa.int32()),
-        ("train_tokens", pa.int32()),
-        ("rewrite", pa.string()),
-    ]
-)
 QUESTION_COLUMNS = ("id", "question", "answer", "answer_type", "choices")
 
 ROW_REASONS = (
@@ -199,10 +173,10 @@ def load_questions(questions_dir: Path) -> dict[str, dict[str, Any]]:
 def load_rationales(rationales_dir: Path, questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Rationale rows, checked: every column present, no nulls, every question known."""
     table = read_table(rationales_dir)
-    missing = [c for c in RATIONALE_COLUMNS if c not in table.column_names]
+    missing = [c for c in RATIONALE_SCHEMA.names if c not in table.column_names]
     if missing:
         raise ValueError(f"{rationales_dir}: rationale shards lack column(s) {missing}")
-    rows = table.select(list(RATIONALE_COLUMNS)).to_pylist()
+    rows = table.select(RATIONALE_SCHEMA.names).to_pylist()
     for i, row in enumerate(rows):
         for name, value in row.items():
             if value is None:
@@ -557,7 +531,7 @@ def run(cfg: FilterConfig) -> dict[str, Any]:
         q = questions[qid]
         for r in sorted(picked[qid], key=lambda r: (r["perspective"], r["teacher"])):
             out_rows.append({
-                **{c: r[c] for c in RATIONALE_COLUMNS}, "text": r["train_text"],
+                **{c: r[c] for c in RATIONALE_SCHEMA.names}, "text": r["train_text"],
                 "pred_answer": r["pred_answer"], "correct": True, "question_pass_rate": pass_rate[qid],
                 "question": format_question(q), "answer": q["answer"], "answer_type": q["answer_type"],
                 "answer_offset": r["answer_offset"], "train_tokens": r["train_tokens"], "rewrite": r["rewrite"],

@@ -25,8 +25,8 @@ from pipeline import questions as Q
 from pipeline.config import ConfigError, from_dict
 from pipeline.engine import Completion
 from pipeline.generation import Sampling
-from pipeline.questions import QUESTION_SCHEMA
-from pipeline.shards import RUN_MARKER, ShardError, read_rows, read_shard, read_table, verify, write_shards
+from pipeline.shards import (QUESTION_SCHEMA, RUN_MARKER, ShardError, read_rows, read_shard, read_table, verify,
+                             write_shards)
 from stages import generate as generate_stage
 from stages.app import app, validate_params
 from stages.prepare import PrepareConfig, run as prepare_run

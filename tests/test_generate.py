@@ -19,7 +19,6 @@ import yaml
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.generation import (
-    RATIONALE_SCHEMA,
     Request,
     Sampling,
     make_requests,
@@ -31,8 +30,8 @@ from pipeline.generation import (
 )
 from pipeline.engine import Completion, complete
 from pipeline.perspectives import BUILTIN, load_perspectives
-from pipeline.questions import QUESTION_SCHEMA
-from pipeline.shards import ShardError, ShardWriter, config_hash, read_table, verify, write_shards
+from pipeline.shards import (QUESTION_SCHEMA, RATIONALE_SCHEMA, ShardError, ShardWriter, config_hash, read_table,
+                             verify, write_shards)
 from stages.generate import GenerateConfig, run, run_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 from pipeline import questions as Q
 from pipeline.config import ConfigError, deep_merge, from_dict
 from pipeline.sample import embedded_splits
-from pipeline.shards import read_rows
+from pipeline.shards import QUESTION_SCHEMA, read_rows
 from stages.cli import read_params
 from stages.prepare import DatasetSpec, PrepareConfig, load_dataset_rows, run
 
@@ -190,7 +190,7 @@ def test_real_reference_datasets_load_in_full(tmp_path: Path, shared_data: Path,
         assert {r["answer"] for r in rows} == {"yes", "no"}
     files = sorted(str(f) for f in (tmp_path / "prep" / "train").glob("shard-*.arrow"))
     ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
-    assert ds.num_rows == count and set(ds.column_names) == set(Q.QUESTION_SCHEMA.names)
+    assert ds.num_rows == count and set(ds.column_names) == set(QUESTION_SCHEMA.names)
 
 
 def test_real_svamp_question_text(tmp_path: Path, shared_data: Path) -> None:
