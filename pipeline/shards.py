@@ -197,6 +197,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def mismatched_file(folder: Path, digests: dict[str, str]) -> tuple[str, str | None] | None:
+    """The first file of ``digests`` (path inside ``folder`` -> recorded sha256), in its order, that
+    is not a file in ``folder`` (``(name, None)``) or whose sha256 differs (``(name, its sha256)``);
+    None when every one matches. Shard manifests and distill's checkpoints are checked with it."""
+    for name, recorded in digests.items():
+        path = folder / name
+        if not path.is_file():
+            return name, None
+        digest = sha256_file(path)
+        if digest != recorded:
+            return name, digest
+    return None
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A short, stable hash of a resolved config (key order does not matter)."""
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
@@ -454,16 +468,15 @@ def verify(out_dir: Path) -> dict[str, Any]:
     if unlisted:
         raise ShardError(f"{out_dir}: shard {unlisted[0]} is not listed in the manifest "
                          f"({len(unlisted)} unlisted; a manifest lists every shard of its folder)")
-    for entry in manifest["shards"]:
-        p = out_dir / entry["file"]
-        if not p.exists():
-            raise ShardError(f"{out_dir}: shard {entry['file']} listed in the manifest is missing")
-        digest = sha256_file(p)
-        if digest != entry["sha256"]:
-            raise ShardError(
-                f"{out_dir}: shard {entry['file']} is corrupted (sha256 {digest[:12]}… "
-                f"!= manifest {entry['sha256'][:12]}…)"
-            )
+    recorded = {e["file"]: e["sha256"] for e in manifest["shards"]}
+    bad = mismatched_file(out_dir, recorded)
+    if bad is not None:
+        name, digest = bad
+        if digest is None:
+            raise ShardError(f"{out_dir}: shard {name} listed in the manifest is missing")
+        raise ShardError(
+            f"{out_dir}: shard {name} is corrupted (sha256 {digest[:12]}… != manifest {recorded[name][:12]}…)"
+        )
     return manifest
 
 

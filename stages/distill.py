@@ -84,7 +84,8 @@ from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.models import torch_dtype
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
-from pipeline.shards import FILTERED_SCHEMA, atomic_write_json, config_hash, read_manifest, read_rows, sha256_file
+from pipeline.shards import (FILTERED_SCHEMA, atomic_write_json, config_hash, mismatched_file, read_manifest, read_rows,
+                             sha256_file)
 from pipeline.ta import embed_paths
 from stages.cli import field
 
@@ -659,13 +660,11 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         expected = json.loads((ckpt / CHECKSUMS).read_text())
     except (OSError, ValueError) as e:
         return f"no readable {CHECKSUMS} ({e.__class__.__name__})"
-    for rel, digest in sorted(expected.items()):
-        path = ckpt / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if sha256_file(path) != digest:
-            return f"{rel} does not match its sha256"
-    return None
+    bad = mismatched_file(ckpt, dict(sorted(expected.items())))
+    if bad is None:
+        return None
+    rel, digest = bad
+    return f"{rel} is missing" if digest is None else f"{rel} does not match its sha256"
 
 
 def pick_checkpoint(ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
