@@ -118,8 +118,9 @@ def _number_value(m: re.Match[str]) -> Fraction | None:
 
 def format_number(value: Fraction) -> str:
     """The canonical number string of golds (``pipeline.questions.canonical_answer``) and of
-    predictions: "1250", "-3", "0.75", no exponent, no trailing zeros, at most 28 significant
-    digits after a point (decimal's default context); "1/3" when no finite decimal exists."""
+    predictions: "1250", "-3", "0.75": no exponent, no trailing zeros, and a value that is not
+    whole rounded to 28 significant digits (decimal's default context); "1/3" when no finite
+    decimal exists."""
     den = value.denominator
     while den % 2 == 0:
         den //= 2

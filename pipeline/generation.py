@@ -34,6 +34,7 @@ from pipeline.shards import ShardError
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
+
 @dataclass
 class Sampling:
     temperature: float

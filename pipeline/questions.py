@@ -1,8 +1,8 @@
 """Question loaders and normalisation: every benchmark format becomes the question columns.
 
-Columns (``pipeline.shards.QUESTION_SCHEMA``): ``id``, ``task``, ``question``, ``answer`` (canonical gold string),
-``answer_type`` (number | choice | yesno | math), ``choices`` (list of option texts, may be
-empty), ``source``.
+Columns (``pipeline.shards.QUESTION_SCHEMA``): ``id``, ``task``, ``question``, ``answer``
+(canonical gold string), ``answer_type`` (number | choice | yesno | math), ``choices`` (list
+of option texts, may be empty), ``source``.
 
 Each loader yields ``RawQuestion`` records or ``BadRow`` errors (file:line, field, reason);
 ``normalise`` turns a record into a row with a canonical gold. The caller decides whether
@@ -29,6 +29,7 @@ import pyarrow as pa
 from pipeline.answers import LETTERS, AnswerType, format_number
 from pipeline.config import InputError, described, kind_of, shown
 from pipeline.sample import embedded_splits
+
 
 @dataclass(frozen=True)
 class BadRow:

@@ -27,6 +27,7 @@ from pipeline.answers import (
     parse_number,
     repeated_ngram_share,
 )
+from pipeline.questions import canonical_answer
 
 # ---------------------------------------------------------------- extraction table
 
@@ -204,8 +205,6 @@ def test_number_gold_must_be_a_number() -> None:
 ])
 def test_golds_and_predictions_share_one_number_form(written: str, canonical: str) -> None:
     """The gold prepare writes and the prediction read from model text are one string for one value."""
-    from pipeline.questions import canonical_answer
-
     assert canonical_answer(written, "number") == canonical
     assert extract_number(f"So the answer is {written}.") == canonical
 
@@ -213,8 +212,6 @@ def test_golds_and_predictions_share_one_number_form(written: str, canonical: st
 def test_number_form_of_fractions_and_long_decimals() -> None:
     """Fractions with no finite decimal stay fractions; past 28 significant digits, a gold and a
     prediction of the same value are rounded alike."""
-    from pipeline.questions import canonical_answer
-
     assert format_number(Fraction(3, 4)) == "0.75" and format_number(Fraction(1, 3)) == "1/3"
     long = "0.123456789012345678901234567890"
     assert canonical_answer(long, "number") == extract_number(f"The answer is {long}.") == "0.1234567890123456789012345679"
