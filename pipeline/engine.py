@@ -42,8 +42,9 @@ if TYPE_CHECKING:  # vLLM is imported lazily: importing it is slow and it is abs
 log = logging.getLogger("mind.engine")
 
 # Unless told otherwise, vLLM on CPU reserves one core for itself; on a 2-core host that
-# halves throughput. Harmless on GPU hosts. (stages/app.py sets it too; tests and scripts
-# that import this module directly get it here.)
+# halves throughput. Harmless on GPU hosts. The one place it is set: every engine is made in
+# this module, vLLM reads the variable when an engine starts, and the pool's worker processes
+# inherit it. A value in the environment still wins.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
@@ -62,10 +63,8 @@ class EngineConfig:
     seed: int = 0  # engine seed (per-request seeds in SamplingParams take precedence)
     enable_lora: bool = False  # allow LoRARequest adapters (evaluate's PEFT students)
     max_lora_rank: int = 16
-    max_loras: int = 1
     kv_cache_gib: float | None = None  # fixed KV cache size in GiB; None: from gpu_memory_utilization
     max_num_seqs: int = 256  # sequences scheduled together
-    max_num_batched_tokens: int | None = None  # tokens per scheduler step; None: vLLM's default
     # KV cache block size in tokens; None: vLLM's default (128 on CPU, 16 on GPUs; the CPU backend
     # takes multiples of 32). Prefix caching reuses whole blocks only, so it decides how much of a
     # shared prompt prefix (a question's n samples, a perspective's template head) is computed once.
@@ -73,7 +72,6 @@ class EngineConfig:
     # None: vLLM's default on GPUs, off on CPU hosts. vLLM 0.32's CPU runner crashes ("CPU Generator
     # does not use offset") when a request with its own sampling seed is prefilled in chunks.
     enable_chunked_prefill: bool | None = None
-    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         check(self.dtype in ("auto", "bfloat16", "float16", "float32", "half", "float"),
@@ -82,11 +80,9 @@ class EngineConfig:
         check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization must be in (0, 1]")
         check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size must be >= 1")
         check(self.data_parallel_size >= 1, "engine.data_parallel_size must be >= 1")
-        check(self.max_lora_rank >= 1 and self.max_loras >= 1, "engine.max_lora_rank and max_loras must be >= 1")
+        check(self.max_lora_rank >= 1, "engine.max_lora_rank must be >= 1")
         check(self.kv_cache_gib is None or self.kv_cache_gib > 0, "engine.kv_cache_gib must be positive")
         check(self.max_num_seqs >= 1, "engine.max_num_seqs must be >= 1")
-        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
-              "engine.max_num_batched_tokens must be >= 1")
         check(self.block_size is None or (self.block_size >= 1 and self.block_size % 16 == 0),
               "engine.block_size must be a positive multiple of 16")
 
@@ -119,7 +115,7 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
     if cfg.block_size is not None:
         kwargs["block_size"] = cfg.block_size
     if cfg.enable_lora:
-        kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+        kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank)  # one adapter at a time: vLLM's max_loras=1
     on_cpu = _on_cpu()
     chunked = cfg.enable_chunked_prefill
     if chunked is None and on_cpu:
@@ -128,9 +124,7 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         kwargs["enable_chunked_prefill"] = chunked
     if chunked is False:
         # Without chunking, a whole prompt must fit in one scheduler step.
-        kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 4096, cfg.max_model_len)
-    elif cfg.max_num_batched_tokens is not None:
-        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        kwargs["max_num_batched_tokens"] = max(4096, cfg.max_model_len)
     if on_cpu:
         # On CPU, run the whole engine in this process: vLLM's separate engine-core and worker
         # processes cost start-up (measured on 2 cores: 35 s -> 8-9 s) and IPC. Tensor
@@ -153,7 +147,6 @@ def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
         tensor_parallel_size=cfg.tensor_parallel_size,
         seed=cfg.seed,
         max_num_seqs=cfg.max_num_seqs,
-        trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
     if on_cpu:
@@ -226,7 +219,7 @@ def unload_llm(llm: LLM) -> None:
         torch.cuda.empty_cache()
 
 
-def chat_prompts(tokenizer: Any, messages: list[str], system: str | None = None) -> list[str]:
+def chat_prompts(tokenizer: Any, messages: list[str]) -> list[str]:
     """Each user message wrapped in the tokenizer's chat template, ready for generation.
 
     Raises ValueError when the tokenizer has no chat template: a raw prompt would silently
@@ -234,12 +227,8 @@ def chat_prompts(tokenizer: Any, messages: list[str], system: str | None = None)
     """
     if not tokenizer.chat_template:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
-    out = []
-    for text in messages:
-        conv = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": text}
-        ]
-        out.append(tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    out = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True) for text in messages]
     # Templates such as Llama 3's start with the BOS token, and vLLM (like a plain tokenizer call)
     # adds one again when it tokenizes the text: drop the template's copy so there is exactly one.
     bos = tokenizer.bos_token
@@ -253,7 +242,6 @@ def complete(
     prompts: list[str],
     params: SamplingParams | list[SamplingParams],
     lora_request: LoRARequest | None = None,
-    use_tqdm: bool = False,
 ) -> list[list[Completion]]:
     """Generate for the whole batch in one ``LLM.generate`` call (vLLM schedules it).
 
@@ -261,7 +249,7 @@ def complete(
     """
     if not prompts:
         return []
-    outs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=use_tqdm)
+    outs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
     return [_completions(out) for out in outs]
 
 

@@ -7,7 +7,8 @@ generated it.
 
 Backends (same output: per request, its ``n`` ``Completion``s in sample order):
 
-- ``vllm_generate``: the whole batch goes to vLLM in one call and vLLM schedules it.
+- vLLM: ``sampling_params`` gives each request its seeded ``SamplingParams``; the engine
+  (``pipeline.engine``) schedules the whole batch.
 - ``HFGenerator``: plain transformers ``generate``, batched with left padding. For hosts
   without vLLM and as the benchmark's baseline. One seed per batch (transformers samples a
   batch from one global generator); the ``seed`` column then holds that batch seed.
@@ -25,27 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.engine import Completion, EnginePool, chat_prompts, engine_generate
+from pipeline.engine import Completion, chat_prompts
 from pipeline.perspectives import Perspective, build_prompt
 from pipeline.questions import format_question
 from pipeline.shards import ShardError
 
 if TYPE_CHECKING:
-    from vllm import LLM, SamplingParams
-
-RATIONALE_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("teacher", pa.string()),
-        ("perspective", pa.string()),
-        ("sample_index", pa.int32()),
-        ("prompt", pa.string()),
-        ("text", pa.string()),
-        ("finish_reason", pa.string()),
-        ("num_tokens", pa.int32()),
-        ("seed", pa.int64()),
-    ]
-)
+    from vllm import SamplingParams
 
 
 @dataclass
@@ -93,11 +80,6 @@ def sampling_params(requests: list[Request], sampling: Sampling) -> list[Samplin
                        max_tokens=sampling.max_tokens, seed=r.seed)
         for r in requests
     ]
-
-
-def vllm_generate(engine: LLM | EnginePool, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
-    """One whole-batch vLLM call."""
-    return engine_generate(engine, [r.prompt for r in requests], sampling_params(requests, sampling))
 
 
 class HFGenerator:
@@ -173,7 +155,7 @@ def hf_generate(gen: HFGenerator, requests: list[Request], sampling: Sampling) -
 def to_rows(
     teacher: str, requests: list[Request], completions: list[list[Completion]], seeds: list[int] | None = None
 ) -> list[dict[str, Any]]:
-    """Rationale rows (one per sample) in the RATIONALE_SCHEMA column order."""
+    """Rationale rows (one per sample) in the ``pipeline.shards.RATIONALE_SCHEMA`` column order."""
     if len(completions) != len(requests):
         raise RuntimeError(f"backend returned {len(completions)} results for {len(requests)} requests")
     rows = []

@@ -1,8 +1,8 @@
 """Question loaders and normalisation: every benchmark format becomes the question columns.
 
-Columns (DESIGN.md): ``id``, ``task``, ``question``, ``answer`` (canonical gold string),
-``answer_type`` (number | choice | yesno | math), ``choices`` (list of option texts, may be
-empty), ``source``.
+Columns (``pipeline.shards.QUESTION_SCHEMA``): ``id``, ``task``, ``question``, ``answer``
+(canonical gold string), ``answer_type`` (number | choice | yesno | math), ``choices`` (list
+of option texts, may be empty), ``source``.
 
 Each loader yields ``RawQuestion`` records or ``BadRow`` errors (file:line, field, reason);
 ``normalise`` turns a record into a row with a canonical gold. The caller decides whether
@@ -20,28 +20,15 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
+from pipeline.answers import LETTERS, AnswerType, format_number
 from pipeline.config import InputError, described, kind_of, shown
 from pipeline.sample import embedded_splits
-
-AnswerType = Literal["number", "choice", "yesno", "math"]
-LETTERS = "ABCDEFGHIJ"
-
-QUESTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("task", pa.string()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("answer_type", pa.string()),
-        ("choices", pa.list_(pa.string())),
-        ("source", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -105,15 +92,6 @@ def _gold_decimal(value: Any) -> Decimal:
     return d
 
 
-def canonical_number(value: Any) -> str:
-    """'1,250.00' -> '1250', '5.0' -> '5', '-3' -> '-3', '0.50' -> '0.5' (the rule above).
-    Raises ValueError."""
-    d = _gold_decimal(value)
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
 def canonical_answer(value: Any, answer_type: AnswerType, num_choices: int = 0) -> str:
     """The canonical gold string for ``answer_type``; raises ValueError with the reason."""
     if value is None:
@@ -121,7 +99,7 @@ def canonical_answer(value: Any, answer_type: AnswerType, num_choices: int = 0) 
     if isinstance(value, str) and not value.strip():
         raise ValueError("empty answer")
     if answer_type == "number":
-        return canonical_number(value)
+        return format_number(Fraction(_gold_decimal(value)))  # '1,250.00' -> '1250', '0.50' -> '0.5'
     if answer_type == "choice":
         if not isinstance(value, str):
             raise ValueError(f"expected a choice letter, got {described(value)}")
@@ -550,7 +528,7 @@ def load_math500(path: Path) -> Iterator[RawQuestion | BadRow]:
         yield _guard(build)
 
 
-def load_gpqa(path: Path, seed: int = 0) -> Iterator[RawQuestion | BadRow]:
+def load_gpqa(path: Path) -> Iterator[RawQuestion | BadRow]:
     """GPQA CSV: the correct answer and three distractors, shuffled per question.
 
     The option order is seeded by the question text, so it is the same on every run and
@@ -568,7 +546,8 @@ def load_gpqa(path: Path, seed: int = 0) -> Iterator[RawQuestion | BadRow]:
             options = [correct, *wrong]
             if any(not _visible(o) for o in options):
                 return BadRow(where, "Correct Answer/Incorrect Answer", "empty option")
-            digest = hashlib.sha256(f"{seed}:{question}".encode("utf-8", "surrogatepass")).hexdigest()
+            # The "0:" prefix keeps the option order every earlier prepare run wrote.
+            digest = hashlib.sha256(f"0:{question}".encode("utf-8", "surrogatepass")).hexdigest()
             random.Random(int(digest[:16], 16)).shuffle(options)
             return RawQuestion(where, question, LETTERS[options.index(correct)], options,
                                raw_id=_raw_id(where, obj, "Record ID"))

@@ -47,6 +47,50 @@ _RESERVED_NAMES = (MANIFEST, RUN_MARKER, STATS)
 
 log = logging.getLogger("mind.shards")
 
+# The row schemas of the folders one stage hands to the next, defined once each: ``prepare``
+# writes QUESTION_SCHEMA, ``generate`` RATIONALE_SCHEMA, and ``filter`` FILTERED_SCHEMA (the
+# rationale columns, then the judgement and the training text's columns, which ``distill`` reads).
+QUESTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("answer_type", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("source", pa.string()),
+    ]
+)
+
+RATIONALE_SCHEMA = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("teacher", pa.string()),
+        ("perspective", pa.string()),
+        ("sample_index", pa.int32()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("seed", pa.int64()),
+    ]
+)
+
+FILTERED_SCHEMA = pa.schema(
+    list(RATIONALE_SCHEMA)
+    + [
+        pa.field("pred_answer", pa.string()),
+        pa.field("correct", pa.bool_()),
+        pa.field("question_pass_rate", pa.float64()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("answer_type", pa.string()),
+        pa.field("answer_offset", pa.int32()),
+        pa.field("train_tokens", pa.int32()),
+        pa.field("rewrite", pa.string()),
+    ]
+)
+
 
 class ShardError(InputError):
     """An output folder is missing, incomplete or corrupted."""
@@ -151,6 +195,20 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def mismatched_file(folder: Path, digests: dict[str, str]) -> tuple[str, str | None] | None:
+    """The first file of ``digests`` (path inside ``folder`` -> recorded sha256), in its order, that
+    is not a file in ``folder`` (``(name, None)``) or whose sha256 differs (``(name, its sha256)``);
+    None when every one matches. Shard manifests and distill's checkpoints are checked with it."""
+    for name, recorded in digests.items():
+        path = folder / name
+        if not path.is_file():
+            return name, None
+        digest = sha256_file(path)
+        if digest != recorded:
+            return name, digest
+    return None
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -320,7 +378,6 @@ def write_shards(
     config: dict[str, Any],
     *,
     shard_size: int = 10_000,
-    extra: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``rows`` as a fresh shard folder in chunks of ``shard_size``, with ``stats``
@@ -339,7 +396,7 @@ def write_shards(
                 buf = []
         if buf or not wrote_any:
             writer.write(buf)  # an empty result is still one (empty) shard, so readers see the schema
-        manifest = writer.close(extra)
+        manifest = writer.close()
         if stats is not None:
             atomic_write_json(tmp / STATS, stats)
     return manifest
@@ -411,16 +468,15 @@ def verify(out_dir: Path) -> dict[str, Any]:
     if unlisted:
         raise ShardError(f"{out_dir}: shard {unlisted[0]} is not listed in the manifest "
                          f"({len(unlisted)} unlisted; a manifest lists every shard of its folder)")
-    for entry in manifest["shards"]:
-        p = out_dir / entry["file"]
-        if not p.exists():
-            raise ShardError(f"{out_dir}: shard {entry['file']} listed in the manifest is missing")
-        digest = sha256_file(p)
-        if digest != entry["sha256"]:
-            raise ShardError(
-                f"{out_dir}: shard {entry['file']} is corrupted (sha256 {digest[:12]}… "
-                f"!= manifest {entry['sha256'][:12]}…)"
-            )
+    recorded = {e["file"]: e["sha256"] for e in manifest["shards"]}
+    bad = mismatched_file(out_dir, recorded)
+    if bad is not None:
+        name, digest = bad
+        if digest is None:
+            raise ShardError(f"{out_dir}: shard {name} listed in the manifest is missing")
+        raise ShardError(
+            f"{out_dir}: shard {name} is corrupted (sha256 {digest[:12]}… != manifest {recorded[name][:12]}…)"
+        )
     return manifest
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -49,10 +48,6 @@ def validate_params(params: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: unknown section {', '.join(named)}; the stages are {sorted(CONFIGS)}")
     return {name: from_dict(CONFIGS[name], section_of(params, name, source), name) for name in params}
 
-
-# vLLM on a CPU host keeps one core for itself unless told otherwise; on a 2-core machine
-# that halves throughput. Harmless on GPU hosts.
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 app = typer.Typer(
     help="MIND: capability-aware multi-perspective CoT distillation, one command per stage.",

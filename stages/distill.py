@@ -84,7 +84,8 @@ from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.models import torch_dtype
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
-from pipeline.shards import atomic_write_json, config_hash, read_manifest, read_rows, sha256_file
+from pipeline.shards import (FILTERED_SCHEMA, atomic_write_json, config_hash, mismatched_file, read_manifest, read_rows,
+                             sha256_file)
 from pipeline.ta import embed_paths
 from stages.cli import field
 
@@ -97,8 +98,6 @@ Ablation = Literal["mind-no-synergy", "mind-ema0", "mind-beta0", "mind-length"]
 ABLATIONS: dict[str, dict[str, Any]] = {
     "mind-no-synergy": {"synergy": False}, "mind-ema0": {"ema_mu": 0.0}, "mind-beta0": {"beta": 0.0},
     "mind-length": {"scorer": "length"}}
-REQUIRED_COLUMNS = ("question_id", "teacher", "perspective", "sample_index", "text", "question", "answer_offset",
-                    "answer_type")
 # Keys that do not change what is trained: a checkpoint stays valid when only these change.
 _RESUME_NEUTRAL = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "out_root", "live_root",
                    "embedding_cache", "run_name", "cpu_threads", "ablations")
@@ -324,7 +323,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
     counts: dict[str, int] = defaultdict(int)
     counts["rows_read"] = len(rows)
     if rows:
-        missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+        missing = [c for c in FILTERED_SCHEMA.names if c not in rows[0]]
         if missing:
             raise ConfigError(f"{cfg.filtered_dir}: missing column(s) {missing}; is this a filtered set?")
     by_q: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -661,13 +660,11 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         expected = json.loads((ckpt / CHECKSUMS).read_text())
     except (OSError, ValueError) as e:
         return f"no readable {CHECKSUMS} ({e.__class__.__name__})"
-    for rel, digest in sorted(expected.items()):
-        path = ckpt / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if sha256_file(path) != digest:
-            return f"{rel} does not match its sha256"
-    return None
+    bad = mismatched_file(ckpt, dict(sorted(expected.items())))
+    if bad is None:
+        return None
+    rel, digest = bad
+    return f"{rel} is missing" if digest is None else f"{rel} does not match its sha256"
 
 
 def pick_checkpoint(ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -61,15 +61,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import answers as A
 from pipeline.config import check, described, shown, to_dict
 from pipeline.engine import EngineConfig
-from pipeline.questions import LETTERS, format_question
-from pipeline.shards import (MANIFEST, STATS, ShardError, atomic_write_json, atomic_write_text, read_table,
-                             replacing_all, write_shards)
+from pipeline.questions import format_question
+from pipeline.shards import (FILTERED_SCHEMA, MANIFEST, RATIONALE_SCHEMA, STATS, ShardError, atomic_write_json,
+                             atomic_write_text, read_table, replacing_all, write_shards)
 from stages.cli import field
 
 if TYPE_CHECKING:
@@ -77,31 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mind.filter")
 
-RATIONALE_COLUMNS = {
-    "question_id": pa.string(),
-    "teacher": pa.string(),
-    "perspective": pa.string(),
-    "sample_index": pa.int32(),
-    "prompt": pa.string(),
-    "text": pa.string(),
-    "finish_reason": pa.string(),
-    "num_tokens": pa.int32(),
-    "seed": pa.int64(),
-}
-FILTERED_SCHEMA = pa.schema(
-    list(RATIONALE_COLUMNS.items())
-    + [
-        ("pred_answer", pa.string()),
-        ("correct", pa.bool_()),
-        ("question_pass_rate", pa.float64()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("answer_type", pa.string()),
-        ("answer_offset", pa.int32()),
-        ("train_tokens", pa.int32()),
-        ("rewrite", pa.string()),
-    ]
-)
 QUESTION_COLUMNS = ("id", "question", "answer", "answer_type", "choices")
 
 ROW_REASONS = (
@@ -199,10 +173,10 @@ def load_questions(questions_dir: Path) -> dict[str, dict[str, Any]]:
 def load_rationales(rationales_dir: Path, questions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Rationale rows, checked: every column present, no nulls, every question known."""
     table = read_table(rationales_dir)
-    missing = [c for c in RATIONALE_COLUMNS if c not in table.column_names]
+    missing = [c for c in RATIONALE_SCHEMA.names if c not in table.column_names]
     if missing:
         raise ValueError(f"{rationales_dir}: rationale shards lack column(s) {missing}")
-    rows = table.select(list(RATIONALE_COLUMNS)).to_pylist()
+    rows = table.select(RATIONALE_SCHEMA.names).to_pylist()
     for i, row in enumerate(rows):
         for name, value in row.items():
             if value is None:
@@ -230,7 +204,7 @@ def judge_rows(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]])
 
 def _gold_for_judge(q: dict[str, Any]) -> str:
     if q["answer_type"] == "choice" and q["choices"]:
-        return f"({q['answer']}) {q['choices'][LETTERS.index(q['answer'])]}"
+        return f"({q['answer']}) {q['choices'][A.LETTERS.index(q['answer'])]}"
     return q["answer"]
 
 
@@ -268,7 +242,7 @@ def llm_judge(llm: LLM, items: Sequence[tuple[str, str, str]], max_tokens: int =
 
 
 def judge_undecided_with_llm(
-    rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], cfg: FilterConfig, llm: LLM | None
+    rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], cfg: FilterConfig
 ) -> Counter[str]:
     """``judge: llm``: rows without an extracted answer (and not truncated) go to the judge
     model; a "yes" marks them correct. Returns counts (undecided, yes, no, unclear)."""
@@ -280,16 +254,13 @@ def judge_undecided_with_llm(
     for r in undecided:
         q = questions[r["question_id"]]
         items.append((format_question(q), _gold_for_judge(q), r["text"]))
-    own = llm is None
-    if own:
-        from pipeline.engine import load_llm, unload_llm
+    from pipeline.engine import load_llm, unload_llm
 
-        llm = load_llm(cfg.judge_model, cfg.judge_engine)
+    llm = load_llm(cfg.judge_model, cfg.judge_engine)
     try:
         verdicts = llm_judge(llm, items, cfg.judge_max_tokens)
     finally:
-        if own:
-            unload_llm(llm)
+        unload_llm(llm)
     for r, verdict in zip(undecided, verdicts):
         counts[f"llm_{verdict or 'unclear'}"] += 1
         r["correct"] = verdict == "yes"
@@ -511,9 +482,8 @@ def too_few_message(stats: dict[str, Any], cfg: FilterConfig) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
-    """Judge, filter and select rationales into data/filtered/ (``judge_llm``: an engine to
-    reuse for ``judge: llm`` instead of loading ``judge_model``)."""
+def run(cfg: FilterConfig) -> dict[str, Any]:
+    """Judge, filter and select rationales into data/filtered/."""
     config = to_dict(cfg)
     questions = load_questions(cfg.questions_dir)
     rows = load_rationales(cfg.rationales_dir, questions)
@@ -523,7 +493,7 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
     judge_rows(rows, questions)
     judge_counts: Counter[str] = Counter(rules_undecided=sum(r["pred_answer"] is None for r in rows))
     if cfg.judge == "llm":
-        judge_counts.update(judge_undecided_with_llm(rows, questions, cfg, judge_llm))
+        judge_counts.update(judge_undecided_with_llm(rows, questions, cfg))
 
     by_question: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -561,7 +531,7 @@ def run(cfg: FilterConfig, judge_llm: LLM | None = None) -> dict[str, Any]:
         q = questions[qid]
         for r in sorted(picked[qid], key=lambda r: (r["perspective"], r["teacher"])):
             out_rows.append({
-                **{c: r[c] for c in RATIONALE_COLUMNS}, "text": r["train_text"],
+                **{c: r[c] for c in RATIONALE_SCHEMA.names}, "text": r["train_text"],
                 "pred_answer": r["pred_answer"], "correct": True, "question_pass_rate": pass_rate[qid],
                 "question": format_question(q), "answer": q["answer"], "answer_type": q["answer_type"],
                 "answer_offset": r["answer_offset"], "train_tokens": r["train_tokens"], "rewrite": r["rewrite"],

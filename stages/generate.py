@@ -40,7 +40,6 @@ from tqdm import tqdm
 from pipeline.config import check, from_dict, to_dict
 from pipeline.engine import Completion, EngineConfig, close_engine, engine_stream, open_engine, window_for
 from pipeline.generation import (
-    RATIONALE_SCHEMA,
     HFGenerator,
     Request,
     Sampling,
@@ -52,7 +51,8 @@ from pipeline.generation import (
     to_rows,
 )
 from pipeline.perspectives import Perspective, load_perspectives
-from pipeline.shards import ShardError, ShardWriter, atomic_write_json, read_manifest, read_rows, read_shard, shard_files
+from pipeline.shards import (RATIONALE_SCHEMA, ShardError, ShardWriter, atomic_write_json, read_manifest, read_rows,
+                             read_shard, shard_files)
 from stages.cli import field
 
 log = logging.getLogger("mind.generate")

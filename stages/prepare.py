@@ -5,7 +5,7 @@
 
 Writes ``data/prepared/train/`` (the teacher's question pool; absent when ``train`` is
 empty, so eval sets can be prepared alone) and ``data/prepared/<name>/`` for every eval
-dataset, each a shard folder with the question columns of ``pipeline.questions.QUESTION_SCHEMA``,
+dataset, each a shard folder with the question columns of ``pipeline.shards.QUESTION_SCHEMA``,
 plus ``data/prepared/stats.json`` (rows read, kept, bad, duplicate, contaminated, per split).
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pipeline import questions as Q
 from pipeline.config import check, to_dict
-from pipeline.shards import STATS, atomic_write_json, check_name, replacing_all, write_shards
+from pipeline.shards import QUESTION_SCHEMA, STATS, atomic_write_json, check_name, replacing_all, write_shards
 from stages.cli import field
 
 log = logging.getLogger("mind.prepare")
@@ -197,7 +197,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                 stats[name]["over_limit"] = stats[name].get("over_limit", 0) + len(rows) - cfg.limit
                 rows = rows[: cfg.limit]
             stats[name]["kept"] = len(rows)
-            write_shards(tmp, rows, Q.QUESTION_SCHEMA, {"stage": "prepare", "split": name, **config},
+            write_shards(tmp, rows, QUESTION_SCHEMA, {"stage": "prepare", "split": name, **config},
                          shard_size=cfg.shard_size)
             s = stats[name]
             log.info("%s: read %d, kept %d, bad %d, duplicate %d, over limit %d%s -> %s",

@@ -12,9 +12,6 @@ from pipeline.models import resolve
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "test-models"
 
-# vLLM on a CPU host otherwise keeps one of the two cores idle.
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-
 
 def _cached_model(name: str, spec: str, kind: str) -> Path:
     out = CACHE / name

@@ -6,8 +6,7 @@ import random
 from pathlib import Path
 
 from pipeline.answers import canonical_rationale
-from pipeline.shards import write_shards
-from stages.filter import FILTERED_SCHEMA
+from pipeline.shards import FILTERED_SCHEMA, write_shards
 
 PERSPECTIVES = ["Analogy", "Decomposition", "Formal-Symbolic", "Intuitive", "Planning", "Socratic"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.shards import read_rows, write_shards
+from pipeline.shards import RATIONALE_SCHEMA, read_rows, write_shards
 from stages.analyze import (
     AnalyzeConfig,
     cluster_stats,
@@ -85,18 +85,8 @@ def test_config_rejects_bad_values() -> None:
         AnalyzeConfig(per_perspective=1)
 
 
-RATIONALE_SCHEMA_FIELDS = [
-    ("question_id", "string"), ("teacher", "string"), ("perspective", "string"), ("sample_index", "int32"),
-    ("prompt", "string"), ("text", "string"), ("finish_reason", "string"), ("num_tokens", "int32"),
-    ("seed", "int64"),
-]
-
-
 def rationale_shards(folder: Path) -> None:
     """Two perspectives with very different wording, 8 rationales each, plus rows that must be dropped."""
-    import pyarrow as pa
-
-    schema = pa.schema([(n, getattr(pa, t)()) for n, t in RATIONALE_SCHEMA_FIELDS])
     rows = []
     for i in range(8):
         a, b = 3 + i, 2 + i % 4
@@ -109,7 +99,7 @@ def rationale_shards(folder: Path) -> None:
         {"question_id": f"q{i // 2}", "teacher": "t", "perspective": p, "sample_index": 0, "prompt": "p",
          "text": text, "finish_reason": fin, "num_tokens": 10, "seed": 0}
         for i, (p, text, fin) in enumerate(rows)
-    ], schema, {"stage": "test"})
+    ], RATIONALE_SCHEMA, {"stage": "test"})
 
 
 @pytest.mark.slow
@@ -142,11 +132,8 @@ def test_analyze_on_real_models(tmp_path: Path, embedded_model_dir: Path, encode
 
 
 def test_analyze_needs_two_perspectives(tmp_path: Path) -> None:
-    import pyarrow as pa
-
-    schema = pa.schema([(n, getattr(pa, t)()) for n, t in RATIONALE_SCHEMA_FIELDS])
     write_shards(tmp_path / "r", [{"question_id": f"q{i}", "teacher": "t", "perspective": "Intuitive",
                                    "sample_index": 0, "prompt": "p", "text": "x", "finish_reason": "stop",
-                                   "num_tokens": 1, "seed": 0} for i in range(20)], schema, {})
+                                   "num_tokens": 1, "seed": 0} for i in range(20)], RATIONALE_SCHEMA, {})
     with pytest.raises(ValueError, match="at least 2 perspectives"):
         run(AnalyzeConfig(rationales_dir=tmp_path / "r"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from pipeline.answers import (
     parse_number,
     repeated_ngram_share,
 )
+from pipeline.questions import canonical_answer
 
 # ---------------------------------------------------------------- extraction table
 
@@ -195,6 +197,26 @@ def test_boxed_half_matches_point_five_end_to_end() -> None:
 def test_number_gold_must_be_a_number() -> None:
     with pytest.raises(ValueError, match="not a number"):
         is_correct("3", "three", "number")
+
+
+@pytest.mark.parametrize(("written", "canonical"), [
+    ("1,250.00", "1250"), ("5.0", "5"), ("-3", "-3"), ("0.50", "0.5"), ("$12", "12"), ("1,000,000", "1000000"),
+    ("-$4.25", "-4.25"), ("0.125", "0.125"), ("100", "100"), ("2.000001", "2.000001"),
+])
+def test_golds_and_predictions_share_one_number_form(written: str, canonical: str) -> None:
+    """The gold prepare writes and the prediction read from model text are one string for one value."""
+    assert canonical_answer(written, "number") == canonical
+    assert extract_number(f"So the answer is {written}.") == canonical
+
+
+def test_number_form_of_fractions_and_long_decimals() -> None:
+    """Fractions with no finite decimal stay fractions; past 28 significant digits, a gold and a
+    prediction of the same value are rounded alike."""
+    assert format_number(Fraction(3, 4)) == "0.75" and format_number(Fraction(1, 3)) == "1/3"
+    long = "0.123456789012345678901234567890"
+    assert canonical_answer(long, "number") == extract_number(f"The answer is {long}.") == "0.1234567890123456789012345679"
+    big = "1234567890123456789012345678901234567890"  # integers are exact however long
+    assert canonical_answer(big, "number") == extract_number(f"The answer is {big}.") == big
 
 
 def test_number_helpers() -> None:

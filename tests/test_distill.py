@@ -20,10 +20,9 @@ from safetensors.torch import load_file
 from distill_helpers import PERSPECTIVES, filtered_rows, make_filtered, make_tiny_model
 from pipeline import losses as L
 from pipeline.config import ConfigError
-from pipeline.shards import write_shards
+from pipeline.shards import FILTERED_SCHEMA, write_shards
 from pipeline.ta import TeachingAssistant
 from stages import distill as D
-from stages.filter import FILTERED_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 

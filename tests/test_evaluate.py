@@ -12,8 +12,7 @@ import pytest
 from pipeline.config import ConfigError, from_dict
 from pipeline.engine import EngineConfig
 from pipeline.metrics import PREDICTION_SCHEMA, read_model_metrics, wilson_interval
-from pipeline.questions import QUESTION_SCHEMA
-from pipeline.shards import read_rows, read_table, write_shards
+from pipeline.shards import QUESTION_SCHEMA, read_rows, read_table, write_shards
 from stages.evaluate import (
     EvalDataset,
     EvaluateConfig,

@@ -1,8 +1,9 @@
 """Fault injection: what a new user's mistakes and a damaged disk do to the pipeline.
 
-The ``test_finding<N>_`` cases come from a first probe, one per finding; the cases after
-them from a wider one, one per class of bad input. Each checks the message a user sees, the
-exit code, and that nothing was lost, written elsewhere or silently accepted.
+One case per kind of mistake or damage: damaged or unrecorded shards, undecodable bytes, empty
+inputs, typos in params.yaml, malformed YAML, nested field maps, misleading messages, and then
+one case per class of bad input. Each checks the message a user sees, the exit code, and that
+nothing was lost, written elsewhere or silently accepted.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pipeline import questions as Q
 from pipeline.config import ConfigError, from_dict
 from pipeline.engine import Completion
 from pipeline.generation import Sampling
-from pipeline.questions import QUESTION_SCHEMA
-from pipeline.shards import RUN_MARKER, ShardError, read_rows, read_shard, read_table, verify, write_shards
+from pipeline.shards import (QUESTION_SCHEMA, RUN_MARKER, ShardError, read_rows, read_shard, read_table, verify,
+                             write_shards)
 from stages import generate as generate_stage
 from stages.app import app, validate_params
 from stages.prepare import PrepareConfig, run as prepare_run
@@ -136,7 +137,7 @@ def _forget(path: Path) -> None:
 @pytest.mark.parametrize(("damage", "reason"), [(_flip, "is corrupted (sha256"), (_truncate, "is corrupted (sha256"),
                                                 (_delete, "is missing"), (_forget, "is not recorded as complete")],
                          ids=["flipped-byte", "truncated", "missing", "unrecorded"])
-def test_finding1_resume_regenerates_a_damaged_kept_shard(
+def test_resume_regenerates_a_damaged_kept_shard(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, damage: Any, reason: str
 ) -> None:
     monkeypatch.setattr(generate_stage, "HFGenerator", ScriptedTeacher)
@@ -173,7 +174,7 @@ def test_finding1_resume_regenerates_a_damaged_kept_shard(
     assert not (out / RUN_MARKER).exists()
 
 
-def test_finding1_truncated_shard_is_named_not_an_anonymous_oserror(tmp_path: Path) -> None:
+def test_truncated_shard_is_named_not_an_anonymous_oserror(tmp_path: Path) -> None:
     write_shards(tmp_path / "out", [{"id": "a"}] * 50, pa.schema([("id", pa.string())]), {})
     shard = tmp_path / "out" / "shard-00000.arrow"
     _truncate(shard)
@@ -186,7 +187,7 @@ def test_finding1_truncated_shard_is_named_not_an_anonymous_oserror(tmp_path: Pa
 # ================================================================ 2. a non-UTF-8 byte in an input file
 
 
-def test_finding2_non_utf8_byte_names_file_line_and_field(tmp_path: Path) -> None:
+def test_non_utf8_byte_names_file_line_and_field(tmp_path: Path) -> None:
     f = tmp_path / "gsm.jsonl"
     f.write_bytes(b'{"question": "1+1?", "answer": "#### 2"}\n'
                   b'{"question": "2+2\xff?", "answer": "#### 4"}\n')
@@ -196,7 +197,7 @@ def test_finding2_non_utf8_byte_names_file_line_and_field(tmp_path: Path) -> Non
     assert not out.exists()
 
 
-def test_finding2_non_utf8_rows_are_skipped_and_counted(tmp_path: Path) -> None:
+def test_non_utf8_rows_are_skipped_and_counted(tmp_path: Path) -> None:
     jsonl = tmp_path / "gsm.jsonl"
     jsonl.write_bytes(b'{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", "answer": "#### \xfe4"}\n'
                       b'{"question": "3+3?", "answer": "#### 6"}\n')
@@ -225,7 +226,7 @@ def test_finding2_non_utf8_rows_are_skipped_and_counted(tmp_path: Path) -> None:
 # ================================================================ 3. an empty input file
 
 
-def test_finding3_empty_input_file_is_an_error_naming_it(tmp_path: Path) -> None:
+def test_empty_input_file_is_an_error_naming_it(tmp_path: Path) -> None:
     f = tmp_path / "empty.jsonl"
     f.write_text("")
     out = tmp_path / "prep"
@@ -237,7 +238,7 @@ def test_finding3_empty_input_file_is_an_error_naming_it(tmp_path: Path) -> None
 # ================================================================ 4. a typo'd section in params.yaml
 
 
-def test_finding4_every_stage_rejects_a_typod_section_suggesting_the_stage(tmp_path: Path) -> None:
+def test_every_stage_rejects_a_typod_section_suggesting_the_stage(tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evalute"] = {"max_tokens": 10}
     path = tmp_path / "params.yaml"
@@ -248,7 +249,7 @@ def test_finding4_every_stage_rejects_a_typod_section_suggesting_the_stage(tmp_p
         assert not (tmp_path / stage).exists()
 
 
-def test_finding4_a_bad_key_in_another_section_stops_this_stage(tmp_path: Path) -> None:
+def test_a_bad_key_in_another_section_stops_this_stage(tmp_path: Path) -> None:
     f = tmp_path / "gsm.jsonl"
     f.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     out = tmp_path / "prep"
@@ -273,7 +274,7 @@ def _merge_override(tmp_path: Path, override: Path) -> tuple[str, bool]:
     return line, params.read_text() == before
 
 
-def test_finding5_malformed_override_file(tmp_path: Path) -> None:
+def test_malformed_override_file_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("prepare:\n  limit: 3\n  seed: [1, 2\n")
     line, unchanged = _merge_override(tmp_path, bad)
@@ -281,13 +282,13 @@ def test_finding5_malformed_override_file(tmp_path: Path) -> None:
     assert unchanged
 
 
-def test_finding5_missing_override_file(tmp_path: Path) -> None:
+def test_missing_override_file_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     line, unchanged = _merge_override(tmp_path, tmp_path / "nope.yaml")
     assert f"params: {tmp_path / 'nope.yaml'}: params override not found" in line
     assert unchanged
 
 
-def test_finding5_malformed_yaml_option() -> None:
+def test_malformed_yaml_option_names_line_and_column() -> None:
     line = one_line_error(mind("generate", "--engine", "{dtype: float32"))
     assert ("generate: --engine: malformed YAML at line 1, column 16: expected ',' or '}', but got '<stream end>' "
             "(while parsing a flow mapping)") in line
@@ -296,7 +297,7 @@ def test_finding5_malformed_yaml_option() -> None:
 # ================================================================ 6. the generic loader reaches into nested fields
 
 
-def test_finding6_field_map_takes_dotted_paths_and_list_indexes(tmp_path: Path) -> None:
+def test_field_map_takes_dotted_paths_and_list_indexes(tmp_path: Path) -> None:
     f = tmp_path / "nested.json"
     f.write_text(json.dumps([
         {"q": "Tom has 38 apples and buys 1. How many?", "answers": [39.0], "meta": {"answer": 39, "uid": "a"}},
@@ -317,7 +318,7 @@ def test_finding6_field_map_takes_dotted_paths_and_list_indexes(tmp_path: Path) 
 # ================================================================ 7. messages
 
 
-def test_finding7_unterminated_string_says_at_once(tmp_path: Path) -> None:
+def test_unterminated_string_says_at_once(tmp_path: Path) -> None:
     f = tmp_path / "gsm.jsonl"
     f.write_text('{"question": "1+1?", "answer": "x #### 2"}\n{"question": "oops')  # cut off at the end
     line = one_line_error(mind("prepare", "--params", str(_prepare_params(tmp_path / "p.yaml", f, tmp_path / "o"))))
@@ -325,14 +326,14 @@ def test_finding7_unterminated_string_says_at_once(tmp_path: Path) -> None:
     assert "at at" not in line
 
 
-def test_finding7_numeric_question_is_a_wrong_type(tmp_path: Path) -> None:
+def test_numeric_question_is_a_wrong_type(tmp_path: Path) -> None:
     f = tmp_path / "nums.jsonl"
     f.write_text('{"q": 42, "a": 1}\n')
     bad = Q.normalise(next(Q.load_generic(f, {"question": "q", "answer": "a"})), "n", "number", "generic")
     assert str(bad) == f"{f}:1: question: expected a string, got a number: 42"
 
 
-def test_finding7_section_that_is_not_a_mapping(tmp_path: Path) -> None:
+def test_section_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^p.yaml: section distill must be a mapping, got a list$"):
         validate_params({"distill": [1, 2]}, "p.yaml")
     override = tmp_path / "o.yaml"
@@ -342,7 +343,7 @@ def test_finding7_section_that_is_not_a_mapping(tmp_path: Path) -> None:
     assert unchanged
 
 
-def test_finding7_empty_student_folder_says_run_distill(tmp_path: Path) -> None:
+def test_empty_student_folder_says_run_distill(tmp_path: Path) -> None:
     (tmp_path / "students" / "mind").mkdir(parents=True)
     rows = [{"id": "e1", "task": "e", "question": "1+1?", "answer": "2", "answer_type": "number", "choices": [],
              "source": "test"}]

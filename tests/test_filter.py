@@ -8,14 +8,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pytest
 
 from pipeline.answers import answer_suffix, extract_number
 from pipeline.config import ConfigError, from_dict
-from pipeline.generation import RATIONALE_SCHEMA
-from pipeline.questions import QUESTION_SCHEMA, format_question
-from pipeline.shards import read_rows, write_shards
+from pipeline.questions import format_question
+from pipeline.shards import FILTERED_SCHEMA, QUESTION_SCHEMA, RATIONALE_SCHEMA, read_rows, write_shards
 from stages import filter as F
 
 # ---------------------------------------------------------------- a hand-made rationale set
@@ -124,9 +122,8 @@ def text_of(rid: str) -> str:
 # ---------------------------------------------------------------- the whole stage
 
 
-def test_rationale_columns_match_generate() -> None:
-    assert pa.schema(list(F.RATIONALE_COLUMNS.items())).equals(RATIONALE_SCHEMA)
-    assert F.FILTERED_SCHEMA.names == RATIONALE_SCHEMA.names + [
+def test_filtered_rows_are_rationale_rows_plus_the_judgement_and_training_text() -> None:
+    assert FILTERED_SCHEMA.names == RATIONALE_SCHEMA.names + [
         "pred_answer", "correct", "question_pass_rate", "question", "answer", "answer_type", "answer_offset",
         "train_tokens", "rewrite"]
 
@@ -188,7 +185,7 @@ def test_stage_on_hand_made_set(tmp_path: Path, inputs: tuple[Path, Path]) -> No
 
     # The kept rows: the picked rationale of each perspective, canonical answer suffix last.
     assert sorted(r["prompt"].split()[-1] for r in out) == sorted(rid for q in kept_q for rid in PICKED[q])
-    assert set(out[0]) == set(F.FILTERED_SCHEMA.names)
+    assert set(out[0]) == set(FILTERED_SCHEMA.names)
     qrows = {q["id"]: q for q in question_rows()}
     for r in out:
         q = qrows[r["question_id"]]
@@ -405,7 +402,9 @@ def test_near_duplicates_with_the_real_encoder(tmp_path: Path, inputs: tuple[Pat
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_llm_judge_on_the_embedded_model(tmp_path: Path, inputs: tuple[Path, Path], embedded_llm: Any) -> None:
+def test_llm_judge_on_the_embedded_model(
+    tmp_path: Path, inputs: tuple[Path, Path], embedded_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     long = "Let me count the apples one by one again. " * 400 + "So the answer is 8."  # > max_model_len
     assert len(embedded_llm.get_tokenizer().encode(long)) > embedded_llm.model_config.max_model_len
     verdicts = F.llm_judge(embedded_llm, [
@@ -431,7 +430,10 @@ def test_llm_judge_on_the_embedded_model(tmp_path: Path, inputs: tuple[Path, Pat
     assert verdicts == [extract_yesno(o[0].text) for o in raw]
 
     cfg = make_cfg(tmp_path, *inputs, judge="llm", max_questions=10)
-    stats = F.run(cfg, judge_llm=embedded_llm)
+    # The stage's judge is the session's engine: loading a second one costs minutes on CPU.
+    monkeypatch.setattr("pipeline.engine.load_llm", lambda model, engine_cfg: embedded_llm)
+    monkeypatch.setattr("pipeline.engine.unload_llm", lambda llm: None)
+    stats = F.run(cfg)
     judge = stats["judge"]
     # Only r15 has no extractable answer (r5 is truncated and not sent).
     assert judge["mode"] == "llm" and judge["rules_undecided"] == 1 and judge["llm_judged"] == 1

@@ -19,20 +19,19 @@ import yaml
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.generation import (
-    RATIONALE_SCHEMA,
     Request,
     Sampling,
     make_requests,
     plan_remaining,
     request_seed,
+    sampling_params,
     summarize,
     to_rows,
-    vllm_generate,
 )
-from pipeline.engine import Completion
+from pipeline.engine import Completion, complete
 from pipeline.perspectives import BUILTIN, load_perspectives
-from pipeline.questions import QUESTION_SCHEMA
-from pipeline.shards import ShardError, ShardWriter, config_hash, read_table, verify, write_shards
+from pipeline.shards import (QUESTION_SCHEMA, RATIONALE_SCHEMA, ShardError, ShardWriter, config_hash, read_table,
+                             verify, write_shards)
 from stages.generate import GenerateConfig, run, run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,8 +265,9 @@ def test_vllm_request_seeds_reproduce_a_batch(embedded_llm, embedded_model_dir: 
     persp = load_perspectives(select=["Intuitive", "Planning"])
     reqs = make_requests(QUESTIONS[:3], persp, "smol", 0, tok)
     sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=24, seed=0, n=2)
-    first = [[c.text for c in cs] for cs in vllm_generate(embedded_llm, reqs, sampling)]
-    second = [[c.text for c in cs] for cs in vllm_generate(embedded_llm, reqs, sampling)]
+    prompts = [r.prompt for r in reqs]
+    first = [[c.text for c in cs] for cs in complete(embedded_llm, prompts, sampling_params(reqs, sampling))]
+    second = [[c.text for c in cs] for cs in complete(embedded_llm, prompts, sampling_params(reqs, sampling))]
     assert first == second
     texts = [t for ts in first for t in ts]
     assert len(texts) == 12 and len(set(texts)) > len(texts) // 2

@@ -13,7 +13,7 @@ import pytest
 from pipeline import questions as Q
 from pipeline.config import ConfigError, deep_merge, from_dict
 from pipeline.sample import embedded_splits
-from pipeline.shards import read_rows
+from pipeline.shards import QUESTION_SCHEMA, read_rows
 from stages.cli import read_params
 from stages.prepare import DatasetSpec, PrepareConfig, load_dataset_rows, run
 
@@ -183,14 +183,14 @@ def test_real_reference_datasets_load_in_full(tmp_path: Path, shared_data: Path,
     assert len({r["id"] for r in rows}) == count
     assert {r["answer_type"] for r in rows} == {answer_type}
     if answer_type == "number":
-        assert all(Q.canonical_number(r["answer"]) == r["answer"] for r in rows)
+        assert all(Q.canonical_answer(r["answer"], "number") == r["answer"] for r in rows)
     if answer_type == "choice":
         assert all(len(r["choices"]) == 5 and r["answer"] in "ABCDE" for r in rows)
     if answer_type == "yesno":
         assert {r["answer"] for r in rows} == {"yes", "no"}
     files = sorted(str(f) for f in (tmp_path / "prep" / "train").glob("shard-*.arrow"))
     ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
-    assert ds.num_rows == count and set(ds.column_names) == set(Q.QUESTION_SCHEMA.names)
+    assert ds.num_rows == count and set(ds.column_names) == set(QUESTION_SCHEMA.names)
 
 
 def test_real_svamp_question_text(tmp_path: Path, shared_data: Path) -> None:
