@@ -136,8 +136,8 @@ def test_embeddings_are_cached_per_text(encoder_dir: Path, tmp_path: Path, monke
     assert emb.shape == (3, 2 * 384 + 1)
     assert emb[0, -1] == pytest.approx(math.log(len(r[0])))  # ln chars of the rationale
     assert torch.allclose(emb[0, :384], emb[1, :384])  # same question, same half
-    assert not torch.allclose(emb[0, 384:], emb[1, 384:])
-    assert torch.allclose(emb[0, 384:].norm(), torch.tensor(1.0), atol=1e-4)
+    assert not torch.allclose(emb[0, 384:768], emb[1, 384:768])
+    assert torch.allclose(emb[0, 384:768].norm(), torch.tensor(1.0), atol=1e-4)
 
     import sentence_transformers
 
