@@ -108,10 +108,14 @@ def uniform_weights(mask: Tensor) -> Tensor:
     return m / m.sum(dim=-1, keepdim=True)
 
 
+def question_entropy(alpha: Tensor) -> Tensor:
+    """``-Σ α log α`` per question ``[Q]`` (padding and unselected slots have α = 0 and add 0)."""
+    return -(alpha * alpha.clamp_min(1e-12).log()).sum(dim=-1)
+
+
 def alpha_entropy(alpha: Tensor) -> Tensor:
     """Mean over questions of ``-Σ α log α`` (0 for a single selected path)."""
-    a = alpha.clamp_min(1e-12)
-    return -(alpha * a.log()).sum(dim=-1).mean()
+    return question_entropy(alpha).mean()
 
 
 def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -202,8 +206,7 @@ def entropy_share(alpha: Tensor, mask: Tensor) -> Tensor:
     """``H(α) / ln K`` per question ``[Q]``: 1 for uniform weights over the ``K`` real paths, 0 for
     one path taking all the weight; NaN for a question with a single path (nothing to share)."""
     k = mask.sum(dim=-1).to(torch.float32)
-    a = alpha.float().clamp_min(1e-12)
-    h = -(alpha.float() * a.log()).masked_fill(~mask, 0.0).sum(dim=-1)
+    h = question_entropy(alpha.float().masked_fill(~mask, 0.0))
     return torch.where(k >= 2, h / k.clamp_min(2).log(), torch.full_like(h, float("nan")))
 
 

@@ -954,6 +954,11 @@ def nan_if_none(x: float | None) -> float:
     return float("nan") if x is None else x
 
 
+def share_names(history: list[dict[str, float]]) -> list[str]:
+    """The perspectives whose K·α the run logged (``alpha_share/<name>``), sorted."""
+    return sorted({k.split("/", 1)[1] for h in history for k in h if k.startswith("alpha_share/")})
+
+
 def weighting_summary(history: list[dict[str, float]]) -> dict[str, Any]:
     """What the weights did over the whole joint phase (mind and its ablations): the mean of each
     per-step figure, ``ta_fit`` from those means, and each perspective's mean K·α."""
@@ -967,8 +972,7 @@ def weighting_summary(history: list[dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: mean(k) for k in ("alpha_entropy_share", "oracle_alpha_entropy_share", "ta_score_slope",
                                                   "selected_share", "alpha_length_corr")}
     out["ta_fit"] = ta_fit(out["alpha_entropy_share"], out["oracle_alpha_entropy_share"])
-    names = sorted({k.split("/", 1)[1] for h in history for k in h if k.startswith("alpha_share/")})
-    out["alpha_share"] = {n: mean(f"alpha_share/{n}") for n in names}
+    out["alpha_share"] = {n: mean(f"alpha_share/{n}") for n in share_names(history)}
     return out
 
 
@@ -979,9 +983,8 @@ def plot_alpha_share(history: list[dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({k.split("/", 1)[1] for h in history for k in h if k.startswith("alpha_share/")})
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n in names:
+    for n in share_names(history):
         pts = [(i + 1, h[f"alpha_share/{n}"]) for i, h in enumerate(history)
                if not math.isnan(h.get(f"alpha_share/{n}", float("nan")))]
         if pts:

@@ -406,13 +406,13 @@ def _crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at_step: int) -> No
     monkeypatch.setattr(D, "save_checkpoint", save_then_crash)
 
 
-def test_resume_with_unaligned_checkpoint_and_ta_accumulation_matches_a_straight_run(
+def test_resume_with_a_checkpoint_inside_a_ta_window_matches_a_straight_run(
         tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path, monkeypatch: pytest.MonkeyPatch,
         one_thread: object) -> None:
-    """checkpoint_every 3, ta_accum_steps 4: the checkpoint at step 3 holds 3 of the TA's 4
-    accumulated micro-batches. The resumed run must step the TA at micro-batch 4 with all four
-    gradients, as the uninterrupted run does (it used to restart the count and lose them). A
-    large ta_joint_lr and LoRA dropout make any difference in the TA's steps or the RNG show."""
+    """checkpoint_every 3, ta_accum_steps 4: the checkpoint at step 3 falls inside the TA's
+    window of 4 micro-batches. The resumed run must step the TA at micro-batch 4 on the same
+    inertia table, as the uninterrupted run does. A large ta_joint_lr and LoRA dropout make any
+    difference in the TA's steps or the RNG show."""
     kw = dict(method="mind", max_steps=9, max_epochs=20.0, questions_per_step=1, checkpoint_every=3,
               ta_accum_steps=4, ta_joint_lr=0.05, lora_dropout=0.1, tau_student=0.2)
     D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, **kw))

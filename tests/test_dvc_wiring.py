@@ -60,6 +60,7 @@ def _norm(path: str | Path) -> str:
 
 def resolve(params: dict[str, Any], tmp: Path) -> dict[str, Wiring]:
     """dvc.yaml's stages as DVC resolves them with these params."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -71,12 +72,12 @@ def resolve(params: dict[str, Any], tmp: Path) -> dict[str, Wiring]:
         for stage in repo.index.stages:
             words = shlex.split(stage.cmd)
             assert words[:1] == ["mind"] and words[1] in CONFIGS, f"{stage.name}: cmd {stage.cmd!r} runs no stage"
-            listed = {p for d in stage.deps if hasattr(d, "params") for p in d.params}
+            listed = {p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params}
             stages[stage.name] = Wiring(
                 name=stage.name,
                 section=words[1],
                 options=frozenset(w[2:].replace("-", "_") for w in words[2:] if w.startswith("--")),
-                deps=tuple(_norm(d.def_path) for d in stage.deps if not hasattr(d, "params")),
+                deps=tuple(_norm(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency)),
                 outs=tuple(_norm(o.def_path) for o in stage.outs),
                 params=frozenset(listed),
             )

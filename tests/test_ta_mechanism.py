@@ -31,11 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = 10
 
 
-def _scenario(seed: int) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor, list[int], int]:
-    """(questions, rationales) per path, the ``[Q, K]`` path-id grid, the known losses on that
-    grid, the foreign path's slot per question, and K."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
-    k = params["max_paths"]
+def _scenario(seed: int, k: int) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor, list[int]]:
+    """(questions, rationales) per path, the ``[Q, k]`` path-id grid, the known losses on that
+    grid, and the foreign path's slot per question."""
     qs = json.loads((ROOT / "tests/fixtures/teacher_paths.json").read_text())["questions"]
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,12 +51,11 @@ def _scenario(seed: int) -> tuple[list[str], list[str], torch.Tensor, torch.Tens
         grid.append(row + [-1] * (k - len(row)))
         losses.append(loss + [0.0] * (k - len(loss)))
         foreign.append(slot)
-    return questions, rationales, torch.tensor(grid), torch.tensor(losses), foreign, k
+    return questions, rationales, torch.tensor(grid), torch.tensor(losses), foreign
 
 
-def _train_default_schedule(emb: torch.Tensor, grid: torch.Tensor, losses: torch.Tensor,
-                            train: list[int]) -> tuple[Fdic, D.DistillConfig]:
-    cfg = from_dict(D.DistillConfig, yaml.safe_load((ROOT / "params.yaml").read_text())["distill"])
+def _train_default_schedule(cfg: D.DistillConfig, emb: torch.Tensor, grid: torch.Tensor, losses: torch.Tensor,
+                            train: list[int]) -> Fdic:
     fdic = build_fdic(emb, grid[train], D.fdic_config(cfg), torch.device("cpu"))
     per = cfg.questions_per_step
     slots = per * grid.shape[1]
@@ -76,18 +73,19 @@ def _train_default_schedule(emb: torch.Tensor, grid: torch.Tensor, losses: torch
             micro = step * cfg.grad_accum + a
             visit(cfg.seed, micro, step)
             fdic.joint_micro(micro, None)
-    return fdic, cfg
+    return fdic
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ta_deselects_a_foreign_rationale_on_held_out_questions(seed: int, encoder_dir: Path,
                                                                  one_thread: object) -> None:
-    questions, rationales, grid, losses, foreign, k = _scenario(seed)
+    cfg = from_dict(D.DistillConfig, yaml.safe_load((ROOT / "params.yaml").read_text())["distill"])
+    questions, rationales, grid, losses, foreign = _scenario(seed, cfg.max_paths)
     emb = embed_paths(questions, rationales, str(encoder_dir), cache_dir=None)
     order = list(range(len(grid)))
     random.Random(seed).shuffle(order)
     held, train = sorted(order[:HELD_OUT]), sorted(order[HELD_OUT:])
-    fdic, cfg = _train_default_schedule(emb, grid, losses, train)
+    fdic = _train_default_schedule(cfg, emb, grid, losses, train)
     assert int((fdic.seen_at >= 0).sum()) > 0 and not bool((fdic.seen_at[grid[held][grid[held] >= 0]] >= 0).any())
 
     ids, mask = grid[held], grid[held] >= 0
