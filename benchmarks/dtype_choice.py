@@ -19,16 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.engine import (
-    BF16_CPU_FLAGS,
-    EngineConfig,
-    chat_prompts,
-    complete,
-    cpu_has_native_bf16,
-    load_llm,
-    resolve_dtype,
-    unload_llm,
-)
+from pipeline.engine import BF16_CPU_FLAGS, Engine, EngineConfig, chat_prompts, cpu_has_native_bf16, resolve_dtype
 from pipeline.models import torch_dtype
 from pipeline.shards import read_rows
 
@@ -36,12 +27,11 @@ from pipeline.shards import read_rows
 def generation_tok_s(model: str, dtype: str, questions: list[str], max_tokens: int) -> float:
     from vllm import SamplingParams
 
-    llm = load_llm(model, EngineConfig(dtype=dtype, max_model_len=1024, kv_cache_gib=1))
-    prompts = chat_prompts(llm.get_tokenizer(), questions)
-    start = time.perf_counter()
-    outs = complete(llm, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    secs = time.perf_counter() - start
-    unload_llm(llm)
+    with Engine(model, EngineConfig(dtype=dtype, max_model_len=1024, kv_cache_gib=1)) as engine:
+        prompts = chat_prompts(engine.tokenizer, questions)
+        start = time.perf_counter()
+        outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        secs = time.perf_counter() - start
     return sum(o[0].num_tokens for o in outs) / secs
 
 

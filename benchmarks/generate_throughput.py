@@ -10,8 +10,8 @@ under perspective i mod 8, through the chat template) and generates up to ``--ma
 tokens per prompt, with the same sampling settings everywhere. Each vLLM variant runs in its own
 process (start-up timed apart from generation):
 
-- ``stage``: what ``mind generate`` runs: ``load_llm`` (in-process engine, eager, no chunked
-  prefill), one seeded ``SamplingParams`` per request, ``engine_stream``'s rolling window;
+- ``stage``: what ``mind generate`` runs: ``Engine`` (in-process engine, eager, no chunked
+  prefill), one seeded ``SamplingParams`` per request, ``Engine.stream``'s rolling window;
 - ``stage-compiled``: the same with ``enforce_eager: false`` (vLLM's compiled CPU mode);
 - ``stage-no-prefix-cache``: the same with prefix caching off (it is on by default);
 - ``stage-block32``: the same with ``engine.block_size`` 32 instead of vLLM's CPU default of 128
@@ -75,7 +75,7 @@ def run_variant(variant: str, args: argparse.Namespace, reqs: list[Request], sam
     prompts = [r.prompt for r in reqs]
     t0 = time.perf_counter()
     if variant.startswith("stage"):
-        from pipeline.engine import EngineConfig, complete, engine_stream, load_llm, unload_llm, window_for
+        from pipeline.engine import Engine, EngineConfig
         from pipeline.generation import sampling_params
 
         block = 32 if variant == "stage-block32" else None
@@ -89,8 +89,8 @@ def run_variant(variant: str, args: argparse.Namespace, reqs: list[Request], sam
             def no_prefix(*a: object, **kw: object) -> object:
                 return real(*a, enable_prefix_caching=False, **kw)
 
-            vllm.LLM = no_prefix  # load_llm imports it by name when called
-        llm = load_llm(args.model, cfg)
+            vllm.LLM = no_prefix  # Engine imports it by name when it loads
+        engine = Engine(args.model, cfg)
         startup = time.perf_counter() - t0
         t0 = time.perf_counter()
         params = sampling_params(reqs, sampling)
@@ -99,12 +99,13 @@ def run_variant(variant: str, args: argparse.Namespace, reqs: list[Request], sam
                 p.seed = None
         if variant == "stage-per-shard":
             k = args.shard_prompts
-            done = [cs for i in range(0, len(prompts), k) for cs in complete(llm, prompts[i:i + k], params[i:i + k])]
+            done = [cs for i in range(0, len(prompts), k)
+                    for cs in engine.generate(prompts[i:i + k], params[i:i + k])]
         else:
-            done = [cs for _, cs in engine_stream(llm, prompts, params, window_for(cfg))]
+            done = [cs for _, cs in engine.stream(prompts, params)]
         seconds = time.perf_counter() - t0
         tokens = sum(c.num_tokens for cs in done for c in cs)
-        unload_llm(llm)
+        engine.close()
     else:
         from vllm import LLM, SamplingParams
 

@@ -1,18 +1,19 @@
-"""The shared vLLM engine helper: one place that turns an ``EngineConfig`` into engines.
+"""The vLLM engine every stage serves its model with: ``Engine``, built from a model and an
+``EngineConfig``.
 
-``generate`` (teacher rationales) and ``evaluate`` (student predictions) both use it:
+``generate`` (teacher rationales), ``filter`` (the LLM judge) and ``evaluate`` (student
+predictions) all use it, so ``tensor_parallel_size`` and ``data_parallel_size`` mean the same
+in every stage:
 
-    cfg = EngineConfig(enforce_eager=True, kv_cache_gib=1)
-    llm = load_llm("data/models/smollm2-135m-instruct", cfg)
-    prompts = chat_prompts(llm.get_tokenizer(), ["What is 2 + 3?"])
-    outs = complete(llm, prompts, SamplingParams(max_tokens=64))   # list[list[Completion]]
-    unload_llm(llm)
+    with Engine("data/models/smollm2-135m-instruct", EngineConfig(kv_cache_gib=1)) as engine:
+        prompts = chat_prompts(engine.tokenizer, ["What is 2 + 3?"])
+        outs = engine.generate(prompts, SamplingParams(max_tokens=64))   # list[list[Completion]]
 
 Data parallelism. vLLM's offline ``LLM`` refuses ``data_parallel_size > 1`` in one process,
-so ``EnginePool`` starts ``data_parallel_size`` worker processes, each holding a full engine
-(itself ``tensor_parallel_size`` GPUs wide) on its own slice of the visible GPUs, and splits
-every batch between them. ``open_engine`` picks the in-process engine or the pool from the
-config; ``complete`` and ``EnginePool.generate`` return the same plain ``Completion`` lists.
+so then ``Engine`` starts ``data_parallel_size`` worker processes, each holding a full
+in-process engine (itself ``tensor_parallel_size`` GPUs wide) on its own slice of the visible
+GPUs, and splits every batch between them; ``generate`` and ``stream`` return the same plain
+``Completion`` lists either way.
 
 vLLM on a CPU host: ``gpu_memory_utilization`` must be <= 0.5 (it sets the KV cache's share of
 RAM) and scripts need an ``if __name__ == "__main__":`` guard, because vLLM spawns workers.
@@ -21,6 +22,7 @@ RAM) and scripts need an ``if __name__ == "__main__":`` guard, because vLLM spaw
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import multiprocessing as mp
@@ -29,8 +31,11 @@ import uuid
 import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import cached_property
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import check
@@ -43,8 +48,8 @@ log = logging.getLogger("mind.engine")
 
 # Unless told otherwise, vLLM on CPU reserves one core for itself; on a 2-core host that
 # halves throughput. Harmless on GPU hosts. The one place it is set: every engine is made in
-# this module, vLLM reads the variable when an engine starts, and the pool's worker processes
-# inherit it. A value in the environment still wins.
+# this module, vLLM reads the variable when an engine starts, and the replicas' worker
+# processes inherit it. A value in the environment still wins.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
@@ -96,15 +101,207 @@ class Completion:
     finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_tokens)
 
 
-def load_llm(model_dir: str | Path, cfg: EngineConfig) -> LLM:
-    """One in-process vLLM engine on ``model_dir`` (a local HF dir or a Hub id).
+@dataclass
+class _Replica:
+    """One data-parallel worker process and this process's end of its pipe."""
 
-    ``cfg.data_parallel_size`` is not used here: one call loads one replica. Use
-    ``open_engine`` / ``EnginePool`` for several.
+    rank: int
+    conn: Connection
+    proc: BaseProcess
+
+
+class Engine:
+    """One model served by vLLM: in this process when ``data_parallel_size`` is 1, else by
+    ``data_parallel_size`` replica processes that split every batch. The model loads at
+    construction; ``close()``, or leaving a ``with`` block, frees it.
+
+    Replica r sees GPUs ``[r*tp, (r+1)*tp)`` of the visible ones; on a CPU host it gets its own
+    share of the cores instead.
     """
+
+    def __init__(self, model: str | Path, cfg: EngineConfig) -> None:
+        self.model = str(model)
+        self.cfg = cfg
+        # Exactly one is in use: the in-process vLLM engine, or the replica processes.
+        self.llm: LLM | None = None
+        self._replicas: list[_Replica] = []
+        if cfg.data_parallel_size == 1:
+            self.llm = _load_llm(self.model, cfg)
+        else:
+            self._start_replicas()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The served model's HF tokenizer (with its chat template), loaded on first use."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model)
+
+    def generate(
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams],
+        lora_request: LoRARequest | None = None,
+    ) -> list[list[Completion]]:
+        """Per prompt, its ``n`` completions in sample order. In this process the whole batch is
+        one ``LLM.generate`` call (vLLM schedules it); replicas get it through ``stream``."""
+        if not prompts:
+            return []
+        if self.llm is not None:
+            outs = self.llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
+            return [_completions(out) for out in outs]
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for i, completions in self.stream(prompts, per, lora_request=lora_request):
+            out[i] = completions
+        return out
+
+    def stream(
+        self,
+        prompts: list[str],
+        params: list[SamplingParams],
+        window: int | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> Generator[tuple[int, list[Completion]], None, None]:
+        """``(prompt index, its completions)`` as each request finishes, in finishing order.
+
+        Each engine holds at most ``window`` requests and is topped up as they finish, so its
+        scheduler always has waiting work (``LLM.generate`` per chunk drains the batch at the end
+        of every call) while a caller can act on finished work, e.g. write a shard, long before
+        the end. The default window is ``max_num_seqs`` running and as many again waiting, so a
+        finished sequence is replaced at the next scheduler step. With replicas, prompt i goes
+        to replica i mod size, so every replica works through the batch in the same order (a
+        caller writing shards in order gets them from all replicas at once).
+        """
+        size = 2 * self.cfg.max_num_seqs if window is None else window
+        if self.llm is not None:
+            return _stream_in_process(self.llm, prompts, params, size, lora_request)
+        return self._stream_replicas(prompts, params, size, lora_request)
+
+    def close(self) -> None:
+        """Unload the in-process engine, or stop every replica (each unloads its own first)."""
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            _unload_llm(llm)
+        for r in self._replicas:
+            if r.proc.is_alive():
+                try:
+                    r.conn.send(None)
+                    if r.conn.poll(120):
+                        r.conn.recv()
+                except (BrokenPipeError, EOFError, OSError):
+                    pass
+            r.proc.join(timeout=60)
+            if r.proc.is_alive():
+                r.proc.terminate()
+        self._replicas = []
+
+    # ------------------------------------------------------------ data-parallel replicas
+
+    def _start_replicas(self) -> None:
+        size, tp = self.cfg.data_parallel_size, self.cfg.tensor_parallel_size
+        gpus = _visible_gpus()
+        if gpus and len(gpus) < tp * size:
+            raise ValueError(f"data_parallel_size {size} x tensor_parallel_size {tp} needs {tp * size} GPUs, "
+                             f"{len(gpus)} visible")
+        if gpus:
+            envs = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[r * tp:(r + 1) * tp])} for r in range(size)]
+        elif os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+            envs = [{"VLLM_CPU_OMP_THREADS_BIND": b} for b in _cpu_binds(size, tp)]
+        else:  # the user's own binding wins
+            envs = [{} for _ in range(size)]
+        ctx = mp.get_context("spawn")  # vLLM and CUDA do not survive fork
+        for rank in range(size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(envs[rank], self.model, self.cfg, child), daemon=False)
+            proc.start()
+            self._replicas.append(_Replica(rank, parent, proc))
+        for r in self._replicas:
+            self._expect(r, ("ready",))
+
+    def _expect(self, r: _Replica, kinds: tuple[str, ...]) -> tuple[str, Any]:
+        try:
+            status, payload = r.conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"data-parallel engine {r.rank} died (see its log above)") from None
+        if status == "error":
+            self.close()
+            raise RuntimeError(f"data-parallel engine {r.rank}: {payload}")
+        if status not in kinds:
+            raise RuntimeError(f"data-parallel engine {r.rank}: expected {' or '.join(kinds)}, got {status}")
+        return status, payload
+
+    def _stream_replicas(
+        self, prompts: list[str], params: list[SamplingParams], window: int, lora_request: LoRARequest | None
+    ) -> Generator[tuple[int, list[Completion]], None, None]:
+        size = len(self._replicas)
+        busy: dict[object, tuple[_Replica, list[int]]] = {}  # by connection: what ``wait`` returns
+        for r in self._replicas:
+            mine = list(range(r.rank, len(prompts), size))
+            if mine:
+                r.conn.send(([prompts[i] for i in mine], [params[i] for i in mine], window, lora_request))
+                busy[r.conn] = (r, mine)
+        while busy:
+            for conn in wait(list(busy)):
+                r, mine = busy[conn]
+                kind, payload = self._expect(r, ("item", "done"))
+                if kind == "done":
+                    del busy[conn]
+                else:
+                    local, completions = payload
+                    yield mine[local], completions
+
+
+def _completions(out: Any) -> list[Completion]:
+    return [Completion(o.text, len(o.token_ids), str(o.finish_reason)) for o in out.outputs]
+
+
+def _stream_in_process(
+    llm: LLM, prompts: list[str], params: list[SamplingParams], window: int, lora_request: LoRARequest | None
+) -> Generator[tuple[int, list[Completion]], None, None]:
+    """``Engine.stream`` on an in-process engine: a rolling window of requests on its scheduler."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    tag = uuid.uuid4().hex[:8]  # request ids stay unique on an engine that serves several calls
+    added = 0
+    live: dict[str, int] = {}  # request id -> prompt index, for the requests in the engine
+
+    def top_up() -> None:
+        nonlocal added
+        while added < len(prompts) and len(live) < window:
+            p = params[added].clone()
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
+            rid = f"{tag}-{added}"
+            engine.add_request(rid, prompts[added], p, lora_request=lora_request)
+            live[rid] = added
+            added += 1
+
+    try:
+        top_up()
+        while live:
+            for out in engine.step():
+                if out.finished:
+                    yield live.pop(out.request_id), _completions(out)
+            top_up()
+    finally:
+        if live:  # interrupted (an exception, a closed generator): leave the engine empty
+            engine.abort_request(list(live))
+
+
+def _load_llm(model: str, cfg: EngineConfig) -> LLM:
+    """One in-process vLLM engine on ``model`` (a local HF dir or a Hub id): one replica, so
+    ``cfg.data_parallel_size`` is not read here (``Engine`` starts the replicas)."""
     from vllm import LLM
 
-    model = str(model_dir)
     # A Hub id is "org/name"; anything deeper, or starting with "/" or ".", is a local folder.
     looks_local = model.startswith(("/", ".")) or model.count("/") > 1
     if looks_local and not Path(model).is_dir():
@@ -207,7 +404,7 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def unload_llm(llm: LLM) -> None:
+def _unload_llm(llm: LLM) -> None:
     """Shut the engine's worker processes down and free its memory before the next model loads."""
     _live_engines.discard(llm)  # before shutdown: the teardown checks who is still alive
     llm.llm_engine.engine_core.shutdown()
@@ -237,68 +434,6 @@ def chat_prompts(tokenizer: Any, messages: list[str]) -> list[str]:
     return out
 
 
-def complete(
-    llm: LLM,
-    prompts: list[str],
-    params: SamplingParams | list[SamplingParams],
-    lora_request: LoRARequest | None = None,
-) -> list[list[Completion]]:
-    """Generate for the whole batch in one ``LLM.generate`` call (vLLM schedules it).
-
-    Returns, per prompt, its ``n`` completions in sample order.
-    """
-    if not prompts:
-        return []
-    outs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
-    return [_completions(out) for out in outs]
-
-
-def _completions(out: Any) -> list[Completion]:
-    return [Completion(o.text, len(o.token_ids), str(o.finish_reason)) for o in out.outputs]
-
-
-def stream(
-    llm: LLM,
-    prompts: list[str],
-    params: list[SamplingParams],
-    window: int,
-    lora_request: LoRARequest | None = None,
-) -> Generator[tuple[int, list[Completion]], None, None]:
-    """``(prompt index, its completions)`` as each request finishes, in finishing order.
-
-    Keeps at most ``window`` requests in the engine and tops it up as requests finish, so the
-    scheduler always has waiting work (``LLM.generate`` per chunk drains the batch at the end of
-    every call) while a caller can act on finished work, e.g. write a shard, long before the end.
-    """
-    from vllm.sampling_params import RequestOutputKind
-
-    engine = llm.llm_engine
-    tag = uuid.uuid4().hex[:8]  # request ids stay unique on an engine that serves several calls
-    added = 0
-    live: dict[str, int] = {}  # request id -> prompt index, for the requests in the engine
-
-    def top_up() -> None:
-        nonlocal added
-        while added < len(prompts) and len(live) < window:
-            p = params[added].clone()
-            p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
-            rid = f"{tag}-{added}"
-            engine.add_request(rid, prompts[added], p, lora_request=lora_request)
-            live[rid] = added
-            added += 1
-
-    try:
-        top_up()
-        while live:
-            for out in engine.step():
-                if out.finished:
-                    yield live.pop(out.request_id), _completions(out)
-            top_up()
-    finally:
-        if live:  # interrupted (an exception, a closed generator): leave the engine empty
-            engine.abort_request(list(live))
-
-
 # ---------------------------------------------------------------- data parallelism
 
 
@@ -324,12 +459,13 @@ def _cpu_binds(replicas: int, tp: int) -> list[str]:
     return ["|".join(text[r * tp:(r + 1) * tp]) for r in range(replicas)]
 
 
-def _worker(rank: int, env: dict[str, str], model_dir: str, cfg: EngineConfig, conn: Connection) -> None:
-    """One data-parallel replica: load once, then stream (prompts, params, window, lora) batches
-    back, one ("item", (index, completions)) per finished request and ("done", None), until None."""
+def _worker(env: dict[str, str], model: str, cfg: EngineConfig, conn: Connection) -> None:
+    """One data-parallel replica: an in-process ``Engine``, loaded once, that streams (prompts,
+    params, window, lora) batches back, one ("item", (index, completions)) per finished request
+    and ("done", None), until None."""
     os.environ.update(env)
     try:
-        llm = load_llm(model_dir, cfg)
+        engine = Engine(model, dataclasses.replace(cfg, data_parallel_size=1))
     except Exception as e:  # reported to the parent, which raises it with the rank
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -340,147 +476,10 @@ def _worker(rank: int, env: dict[str, str], model_dir: str, cfg: EngineConfig, c
             break
         prompts, params, window, lora = msg
         try:
-            for item in stream(llm, prompts, params, window, lora):
+            for item in engine.stream(prompts, params, window, lora):
                 conn.send(("item", item))
             conn.send(("done", None))
         except Exception as e:
             conn.send(("error", f"{type(e).__name__}: {e}"))
-    unload_llm(llm)
+    engine.close()
     conn.send(("closed", None))
-
-
-class EnginePool:
-    """``data_parallel_size`` engine replicas in worker processes; batches are split evenly.
-
-    Replica r sees GPUs ``[r*tp, (r+1)*tp)`` of the visible ones; on a CPU host it gets its own
-    share of the cores instead. Each replica loads the model once, at construction.
-    """
-
-    def __init__(self, model_dir: str | Path, cfg: EngineConfig) -> None:
-        self.cfg = cfg
-        self.size = cfg.data_parallel_size
-        gpus = _visible_gpus()
-        need = cfg.tensor_parallel_size * self.size
-        if gpus and len(gpus) < need:
-            raise ValueError(
-                f"data_parallel_size {self.size} x tensor_parallel_size {cfg.tensor_parallel_size} needs "
-                f"{need} GPUs, {len(gpus)} visible"
-            )
-        tp = cfg.tensor_parallel_size
-        if gpus:
-            envs = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[r * tp:(r + 1) * tp])} for r in range(self.size)]
-        elif os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
-            envs = [{"VLLM_CPU_OMP_THREADS_BIND": b} for b in _cpu_binds(self.size, tp)]
-        else:  # the user's own binding wins
-            envs = [{} for _ in range(self.size)]
-        ctx = mp.get_context("spawn")  # vLLM and CUDA do not survive fork
-        self._conns: list[Connection] = []
-        self._procs: list[Any] = []
-        for rank in range(self.size):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, envs[rank], str(model_dir), cfg, child), daemon=False)
-            p.start()
-            self._conns.append(parent)
-            self._procs.append(p)
-        for rank, conn in enumerate(self._conns):
-            self._expect(rank, conn, ("ready",))
-
-    def _expect(self, rank: int, conn: Connection, kinds: tuple[str, ...]) -> tuple[str, Any]:
-        try:
-            status, payload = conn.recv()
-        except EOFError:
-            self.close()
-            raise RuntimeError(f"data-parallel engine {rank} died (see its log above)") from None
-        if status == "error":
-            self.close()
-            raise RuntimeError(f"data-parallel engine {rank}: {payload}")
-        if status not in kinds:
-            raise RuntimeError(f"data-parallel engine {rank}: expected {' or '.join(kinds)}, got {status}")
-        return status, payload
-
-    def stream(
-        self, prompts: list[str], params: list[SamplingParams], window: int, lora_request: LoRARequest | None = None
-    ) -> Generator[tuple[int, list[Completion]], None, None]:
-        """``(prompt index, completions)`` as requests finish on any replica. Prompt i goes to
-        replica i mod size, so every replica works through the batch in the same order (a
-        caller writing shards in order gets them from all replicas at once)."""
-        busy = {}
-        for rank, conn in enumerate(self._conns):
-            mine = list(range(rank, len(prompts), self.size))
-            if mine:
-                conn.send(([prompts[i] for i in mine], [params[i] for i in mine], window, lora_request))
-                busy[conn] = (rank, mine)
-        while busy:
-            for conn in wait(list(busy)):
-                rank, mine = busy[conn]
-                kind, payload = self._expect(rank, conn, ("item", "done"))
-                if kind == "done":
-                    del busy[conn]
-                else:
-                    local, completions = payload
-                    yield mine[local], completions
-
-    def generate(
-        self, prompts: list[str], params: SamplingParams | list[SamplingParams], lora_request: LoRARequest | None = None
-    ) -> list[list[Completion]]:
-        """The whole batch, results in prompt order."""
-        per = params if isinstance(params, list) else [params] * len(prompts)
-        out: list[list[Completion]] = [[] for _ in prompts]
-        for i, completions in self.stream(prompts, per, window_for(self.cfg), lora_request):
-            out[i] = completions
-        return out
-
-    def close(self) -> None:
-        """Stop every replica (each unloads its engine first)."""
-        for conn, proc in zip(self._conns, self._procs):
-            if proc.is_alive():
-                try:
-                    conn.send(None)
-                    if conn.poll(120):
-                        conn.recv()
-                except (BrokenPipeError, EOFError, OSError):
-                    pass
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.terminate()
-        self._conns, self._procs = [], []
-
-
-def open_engine(model_dir: str | Path, cfg: EngineConfig) -> LLM | EnginePool:
-    """The in-process engine for ``data_parallel_size == 1``, else an ``EnginePool``."""
-    return load_llm(model_dir, cfg) if cfg.data_parallel_size == 1 else EnginePool(model_dir, cfg)
-
-
-def close_engine(engine: LLM | EnginePool) -> None:
-    if isinstance(engine, EnginePool):
-        engine.close()
-    else:
-        unload_llm(engine)
-
-
-def engine_generate(
-    engine: LLM | EnginePool,
-    prompts: list[str],
-    params: SamplingParams | list[SamplingParams],
-    lora_request: LoRARequest | None = None,
-) -> list[list[Completion]]:
-    """``complete`` for an in-process engine, ``EnginePool.generate`` for a pool."""
-    if isinstance(engine, EnginePool):
-        return engine.generate(prompts, params, lora_request)
-    return complete(engine, prompts, params, lora_request)
-
-
-def window_for(cfg: EngineConfig) -> int:
-    """Requests kept in one engine by ``stream``: ``max_num_seqs`` running and as many again
-    waiting, so a finished sequence is replaced at the next scheduler step."""
-    return 2 * cfg.max_num_seqs
-
-
-def engine_stream(
-    engine: LLM | EnginePool, prompts: list[str], params: list[SamplingParams], window: int
-) -> Generator[tuple[int, list[Completion]], None, None]:
-    """``stream`` for an in-process engine (``window`` requests in flight), ``EnginePool.stream``
-    for a pool (``window`` per replica)."""
-    if isinstance(engine, EnginePool):
-        return engine.stream(prompts, params, window)
-    return stream(engine, prompts, params, window)

@@ -141,9 +141,25 @@ def _text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def encoder_cache_path(cache_dir: Path, encoder: str) -> Path:
-    """One cache file per encoder (named by a hash of its name/path)."""
-    return Path(cache_dir) / f"{hashlib.sha256(str(encoder).encode()).hexdigest()[:16]}.pt"
+def encoder_key(encoder: str) -> str:
+    """What an encoder's cached vectors belong to. A local folder: the sha256 over its files (each
+    file's relative path and sha256), so other weights written to the same path never reuse
+    its vectors while a copy at another path does; ~90 MB for MiniLM, hashed once per
+    ``encode_texts`` call, i.e. once per distill run. A Hub id (no such folder): the id itself."""
+    folder = Path(encoder)
+    if not folder.is_dir():
+        return str(encoder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder).as_posix()}\0".encode())
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def encoder_cache_path(cache_dir: Path, key: str) -> Path:
+    """The cache file of the encoder whose ``encoder_key`` is ``key``."""
+    return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
 def encode_texts(
@@ -156,14 +172,16 @@ def encode_texts(
     """Embeddings ``[len(texts), d]`` from a sentence-transformers model (a name or a local dir).
 
     Texts already in the on-disk cache are not re-encoded; the cache is keyed by the
-    encoder and the sha256 of each text, and rewritten atomically when it grows.
+    encoder's content (``encoder_key``) and the sha256 of each text, and rewritten atomically
+    when it grows.
     """
     cache: dict[str, Tensor] = {}
-    path = encoder_cache_path(cache_dir, encoder) if cache_dir is not None else None
+    key = encoder_key(encoder) if cache_dir is not None else ""  # no cache: nothing to key
+    path = encoder_cache_path(cache_dir, key) if cache_dir is not None else None
     if path is not None and path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("encoder") == str(encoder):
+            if saved.get("encoder") == key:
                 cache = dict(zip(saved["keys"], saved["vectors"]))
         except (RuntimeError, EOFError, KeyError) as e:  # a broken cache is rebuilt, not fatal
             log.warning("ignoring unreadable embedding cache %s: %s", path, e)
@@ -182,7 +200,7 @@ def encode_texts(
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             ks = list(cache)
-            torch.save({"encoder": str(encoder), "keys": ks, "vectors": torch.stack([cache[k] for k in ks])}, tmp)
+            torch.save({"encoder": key, "keys": ks, "vectors": torch.stack([cache[k] for k in ks])}, tmp)
             tmp.replace(path)
     return torch.stack([cache[k] for k in keys])
 

@@ -1,8 +1,8 @@
 """Evaluate one model (the base student or a distilled student) on the eval splits.
 
     mind evaluate --model base        # the base student, zero-shot chain of thought
-    mind evaluate --model mind        # data/students/mind/ (merged model or LoRA adapter)
-    mind evaluate --model mcc --student-source adapter --datasets '[{name: gsm8k, group: id, limit: 50}]'
+    mind evaluate --model mind-s0     # data/students/mind-s0/ (merged model or LoRA adapter)
+    mind evaluate --model mcc-s0 --student-source adapter --datasets '[{name: gsm8k, group: id, limit: 50}]'
 
 ``--model base`` (``base_name``) evaluates ``base_model``; any other name evaluates the
 distilled student ``students_dir/<model>/``: its ``merged/`` HF folder, or with
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline import answers as A
 from pipeline.config import check, to_dict
-from pipeline.engine import EngineConfig, close_engine, engine_generate, open_engine
+from pipeline.engine import Engine, EngineConfig, chat_prompts
 from pipeline.metrics import PREDICTION_SCHEMA, Group, dataset_metrics, model_metrics
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
 from pipeline.questions import format_question
@@ -44,10 +44,7 @@ from pipeline.shards import atomic_write_json, check_name, clear_dir, read_rows,
 from stages.cli import field
 
 if TYPE_CHECKING:
-    from vllm import LLM
     from vllm.lora.request import LoRARequest
-
-    from pipeline.engine import EnginePool
 
 log = logging.getLogger("mind.evaluate")
 
@@ -129,8 +126,7 @@ def score(output: str, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_model(
-    engine: LLM | EnginePool,
-    tokenizer: Any,
+    engine: Engine,
     model_name: str,
     questions: dict[str, list[dict[str, Any]]],
     prompt: str,
@@ -150,8 +146,7 @@ def evaluate_model(
     """
     from vllm import SamplingParams
 
-    from pipeline.engine import chat_prompts
-
+    tokenizer = engine.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     prompts: list[str] = []
     for dataset, rows in questions.items():
@@ -165,7 +160,7 @@ def evaluate_model(
                                      f"(now {max_model_len})")
         prompts.extend(texts)
     t0 = time.perf_counter()
-    completions = iter(engine_generate(engine, prompts, params, lora_request))
+    completions = iter(engine.generate(prompts, params, lora_request))
     secs = time.perf_counter() - t0
     out: dict[str, list[dict[str, Any]]] = {}
     for dataset, rows in questions.items():
@@ -221,14 +216,14 @@ def resolve_model(cfg: EvaluateConfig) -> tuple[str, Path | None, EngineConfig]:
     if cfg.model == cfg.base_name:
         return cfg.base_model, None, cfg.engine
     student = cfg.students_dir / cfg.model
+    train = "`mind distill --method <method> --seed <seed>` writes <students_dir>/<method>-s<seed>"
     if not student.is_dir():
-        raise FileNotFoundError(f"student {cfg.model}: {student} does not exist (run `mind distill` for it)")
+        raise FileNotFoundError(f"student {cfg.model}: {student} does not exist ({train})")
     if cfg.student_source == "merged":
         merged = student / "merged"
         if not (merged / "config.json").exists():
             if not (student / "adapter").is_dir():
-                raise FileNotFoundError(f"student {cfg.model}: no merged model or adapter in {student} "
-                                        f"(run `mind distill --method {cfg.model}`)")
+                raise FileNotFoundError(f"student {cfg.model}: no merged model or adapter in {student} ({train})")
             raise FileNotFoundError(f"student {cfg.model}: no merged model in {merged} "
                                     "(distill did not merge it; use student_source: adapter)")
         return str(merged), None, cfg.engine
@@ -268,27 +263,22 @@ def write_outputs(
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Generate greedy zero-shot CoT answers for every eval split, score them, write shards and metrics."""
-    from transformers import AutoTokenizer
     from vllm.lora.request import LoRARequest
 
     questions = load_questions(cfg)
     model_dir, adapter, engine_cfg = resolve_model(cfg)
-    # The tokenizer (and its chat template) of the model being served: the merged student's
-    # own, or the base student's for a LoRA adapter (adapters do not change the template).
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lora = LoRARequest(cfg.model, 1, str(adapter.resolve())) if adapter is not None else None
     log.info("evaluating %s: %s%s on %s", cfg.model, model_dir, f" + LoRA {adapter}" if adapter else "",
              ", ".join(f"{k} ({len(v)})" for k, v in questions.items()))
     t0 = time.perf_counter()
-    engine = open_engine(model_dir, engine_cfg)
-    load_s = time.perf_counter() - t0
-    try:
+    # The prompts use the served model's tokenizer (and chat template): the merged student's
+    # own, or the base student's for a LoRA adapter (adapters do not change the template).
+    with Engine(model_dir, engine_cfg) as engine:
+        load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        predictions = evaluate_model(engine, tokenizer, cfg.model, questions, cfg.prompt, cfg.max_tokens, lora,
+        predictions = evaluate_model(engine, cfg.model, questions, cfg.prompt, cfg.max_tokens, lora,
                                      engine_cfg.max_model_len)
         gen_s = time.perf_counter() - t1
-    finally:
-        close_engine(engine)
     resolved = {"model_dir": model_dir, "adapter": str(adapter) if adapter else None, "engine": to_dict(engine_cfg)}
     timing = {"engine_load_seconds": round(load_s, 1), "generate_seconds": round(gen_s, 1)}
     log.info("%s: engine start %.1f s, generation %.1f s", cfg.model, load_s, gen_s)

@@ -58,21 +58,18 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import answers as A
 from pipeline.config import check, described, shown, to_dict
-from pipeline.engine import EngineConfig
+from pipeline.engine import Engine, EngineConfig, chat_prompts
 from pipeline.questions import format_question
 from pipeline.shards import (FILTERED_SCHEMA, MANIFEST, RATIONALE_SCHEMA, STATS, ShardError, atomic_write_json,
                              atomic_write_text, read_table, replacing_all, write_shards)
 from stages.cli import field
-
-if TYPE_CHECKING:
-    from vllm import LLM
 
 log = logging.getLogger("mind.filter")
 
@@ -211,8 +208,6 @@ def _gold_for_judge(q: dict[str, Any]) -> str:
 def _fit_response(tokenizer: Any, question: str, gold: str, response: str, budget: int) -> str:
     """The judge's user message, with the response cut from its start (keeping the end, where
     the answer is) until the chat prompt fits in ``budget`` tokens."""
-    from pipeline.engine import chat_prompts
-
     ids = tokenizer.encode(response, add_special_tokens=False)
     while True:
         message = JUDGE_PROMPT.format(question=question, gold=gold, response=response)
@@ -223,21 +218,19 @@ def _fit_response(tokenizer: Any, question: str, gold: str, response: str, budge
         response = "..." + tokenizer.decode(ids)
 
 
-def llm_judge(llm: LLM, items: Sequence[tuple[str, str, str]], max_tokens: int = 4) -> list[str | None]:
-    """Ask ``llm`` whether each (question, gold, response) reaches the gold: "yes", "no" or
-    None (the judge said neither). Greedy decoding, one short reply per item; long responses
-    are shown by their end so the prompt fits the engine's max_model_len."""
+def llm_judge(engine: Engine, items: Sequence[tuple[str, str, str]], max_tokens: int = 4) -> list[str | None]:
+    """Ask the judge model ``engine`` serves whether each (question, gold, response) reaches the
+    gold: "yes", "no" or None (the judge said neither). Greedy decoding, one short reply per item;
+    long responses are shown by their end so the prompt fits the engine's max_model_len."""
     from vllm import SamplingParams
-
-    from pipeline.engine import chat_prompts, complete
 
     if not items:
         return []
-    tokenizer = llm.get_tokenizer()
-    budget = llm.model_config.max_model_len - max_tokens
+    tokenizer = engine.tokenizer
+    budget = engine.cfg.max_model_len - max_tokens
     messages = [_fit_response(tokenizer, q, g, r, budget) for q, g, r in items]
     prompts = chat_prompts(tokenizer, messages)
-    outs = complete(llm, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     return [A.extract_yesno(o[0].text) for o in outs]
 
 
@@ -254,13 +247,8 @@ def judge_undecided_with_llm(
     for r in undecided:
         q = questions[r["question_id"]]
         items.append((format_question(q), _gold_for_judge(q), r["text"]))
-    from pipeline.engine import load_llm, unload_llm
-
-    llm = load_llm(cfg.judge_model, cfg.judge_engine)
-    try:
-        verdicts = llm_judge(llm, items, cfg.judge_max_tokens)
-    finally:
-        unload_llm(llm)
+    with Engine(cfg.judge_model, cfg.judge_engine) as judge:
+        verdicts = llm_judge(judge, items, cfg.judge_max_tokens)
     for r, verdict in zip(undecided, verdicts):
         counts[f"llm_{verdict or 'unclear'}"] += 1
         r["correct"] = verdict == "yes"

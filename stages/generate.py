@@ -38,7 +38,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import check, from_dict, to_dict
-from pipeline.engine import Completion, EngineConfig, close_engine, engine_stream, open_engine, window_for
+from pipeline.engine import Completion, Engine, EngineConfig
 from pipeline.generation import (
     HFGenerator,
     Request,
@@ -217,10 +217,8 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
         eng_cfg = cfg.engine_for(teacher)
         t_load = time.perf_counter()
         if cfg.backend == "vllm":
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(teacher.model)
-            engine = open_engine(teacher.model, eng_cfg)
+            engine = Engine(teacher.model, eng_cfg)
+            tokenizer = engine.tokenizer
         else:
             hf = HFGenerator(teacher.model, eng_cfg.dtype, cfg.hf_batch_size)
             tokenizer = hf.tokenizer
@@ -247,8 +245,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
                 flat = [r for reqs in shards for r in reqs]
                 done: list[dict[int, list[Completion]]] = [{} for _ in shards]
                 # closing(): on an error the stream's requests are aborted before the engine closes
-                with closing(engine_stream(engine, [r.prompt for r in flat], sampling_params(flat, sampling),
-                                           window_for(eng_cfg))) as finished:
+                with closing(engine.stream([r.prompt for r in flat], sampling_params(flat, sampling))) as finished:
                     for i, completions in finished:
                         s, j = owner[i]
                         done[s][j] = completions
@@ -264,7 +261,7 @@ def _generate(cfg: GenerateConfig) -> dict[str, Any]:
                     bar.update(sum(map(len, completions)))
         finally:
             if cfg.backend == "vllm":
-                close_engine(engine)
+                engine.close()
             else:
                 hf.close()
         log.info("teacher %s: %d questions in %.1f s", teacher.name, len(qids), time.perf_counter() - t_teacher)

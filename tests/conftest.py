@@ -59,14 +59,13 @@ def encoder_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_llm(embedded_model_dir: Path):
-    """One vLLM engine on the embedded model for the whole session (generate's and evaluate's
-    tests share it): eager mode for a fast start, a small KV cache because other engines may
-    run on the same machine, and LoRA enabled so adapters can be served from it."""
-    from pipeline.engine import EngineConfig, load_llm, unload_llm
+def embedded_engine(embedded_model_dir: Path):
+    """One vLLM engine on the embedded model for the whole session (generate's, filter's and
+    evaluate's tests share it): eager mode for a fast start, a small KV cache because other
+    engines may run on the same machine, and LoRA enabled so adapters can be served from it."""
+    from pipeline.engine import Engine, EngineConfig
 
     cfg = EngineConfig(max_model_len=1024, kv_cache_gib=0.5, enforce_eager=True, enable_lora=True,
                        max_lora_rank=16, max_num_seqs=64)
-    llm = load_llm(embedded_model_dir, cfg)
-    yield llm
-    unload_llm(llm)
+    with Engine(embedded_model_dir, cfg) as engine:
+        yield engine

@@ -174,11 +174,8 @@ def check_metrics_file(path: Path, groups: dict[str, str], sizes: dict[str, int]
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_llm: Any, embedded_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    preds = evaluate_model(embedded_llm, tok, "base", QUESTIONS, EvaluateConfig().prompt, max_tokens=64,
+def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_engine: Any, embedded_model_dir: Path) -> None:
+    preds = evaluate_model(embedded_engine, "base", QUESTIONS, EvaluateConfig().prompt, max_tokens=64,
                            max_model_len=1024)
     assert list(preds) == list(QUESTIONS)
     for dataset, rows in preds.items():
@@ -191,7 +188,7 @@ def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_llm: Any, embed
                 r["output"], question)
     long_q = {"arith": [q("long", "Add these up: " + " + ".join(["1"] * 400), "400", "number")]}
     with pytest.raises(ValueError, match=r"arith: question long has a \d+-token prompt.*max_model_len >= "):
-        evaluate_model(embedded_llm, tok, "base", long_q, EvaluateConfig().prompt, 64, max_model_len=512)
+        evaluate_model(embedded_engine, "base", long_q, EvaluateConfig().prompt, 64, max_model_len=512)
 
     cfg = EvaluateConfig(model="base", datasets=[EvalDataset(n, g) for n, g in GROUPS.items()],  # type: ignore[arg-type]
                          out_dir=tmp_path / "eval", metrics_dir=tmp_path / "metrics")
@@ -207,12 +204,12 @@ def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_llm: Any, embed
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_evaluate_through_a_lora_adapter(tmp_path: Path, embedded_llm: Any, embedded_model_dir: Path) -> None:
+def test_evaluate_through_a_lora_adapter(tmp_path: Path, embedded_engine: Any, embedded_model_dir: Path) -> None:
     """A random (non-zero) LoRA adapter saved by peft, served with vLLM's LoRARequest: the
     outputs must differ from the base model's, so the adapter really is applied."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from vllm.lora.request import LoRARequest
 
     torch.manual_seed(0)
@@ -227,10 +224,10 @@ def test_evaluate_through_a_lora_adapter(tmp_path: Path, embedded_llm: Any, embe
                          out_dir=tmp_path / "eval", metrics_dir=tmp_path / "metrics")
     model_dir, adapter, engine_cfg = resolve_model(cfg)
     assert adapter is not None and engine_cfg.enable_lora and engine_cfg.max_lora_rank == 16
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert model_dir == embedded_engine.model  # the adapter is served on the base model's engine
     qs = {"arith": QUESTIONS["arith"]}
-    with_lora = evaluate_model(embedded_llm, tok, "lora", qs, cfg.prompt, 48, LoRARequest("lora", 1, str(adapter)))
-    plain = evaluate_model(embedded_llm, tok, "base", qs, cfg.prompt, 48)
+    with_lora = evaluate_model(embedded_engine, "lora", qs, cfg.prompt, 48, LoRARequest("lora", 1, str(adapter)))
+    plain = evaluate_model(embedded_engine, "base", qs, cfg.prompt, 48)
     assert [r["output"] for r in with_lora["arith"]] != [r["output"] for r in plain["arith"]]
     assert all(r["model"] == "lora" for r in with_lora["arith"])
     write_outputs(cfg, with_lora, {"model_dir": model_dir, "adapter": str(adapter)})

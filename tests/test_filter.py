@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections import Counter
@@ -12,6 +13,7 @@ import pytest
 
 from pipeline.answers import answer_suffix, extract_number
 from pipeline.config import ConfigError, from_dict
+from pipeline.engine import EngineConfig
 from pipeline.questions import format_question
 from pipeline.shards import FILTERED_SCHEMA, QUESTION_SCHEMA, RATIONALE_SCHEMA, read_rows, write_shards
 from stages import filter as F
@@ -403,11 +405,11 @@ def test_near_duplicates_with_the_real_encoder(tmp_path: Path, inputs: tuple[Pat
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_llm_judge_on_the_embedded_model(
-    tmp_path: Path, inputs: tuple[Path, Path], embedded_llm: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, inputs: tuple[Path, Path], embedded_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     long = "Let me count the apples one by one again. " * 400 + "So the answer is 8."  # > max_model_len
-    assert len(embedded_llm.get_tokenizer().encode(long)) > embedded_llm.model_config.max_model_len
-    verdicts = F.llm_judge(embedded_llm, [
+    assert len(embedded_engine.tokenizer.encode(long)) > embedded_engine.cfg.max_model_len
+    verdicts = F.llm_judge(embedded_engine, [
         ("What is 2 + 2?", "4", "2 + 2 makes four."),
         ("What is 5 + 3?", "8", "I do not know."),
         ("What is 5 + 3?", "8", long),  # shown by its end, so the prompt fits
@@ -417,23 +419,30 @@ def test_llm_judge_on_the_embedded_model(
     from vllm import SamplingParams
 
     from pipeline.answers import extract_yesno
-    from pipeline.engine import chat_prompts, complete
+    from pipeline.engine import chat_prompts
 
-    tok = embedded_llm.get_tokenizer()
-    budget = embedded_llm.model_config.max_model_len - 4
+    tok = embedded_engine.tokenizer
+    budget = embedded_engine.cfg.max_model_len - 4
     messages = [F._fit_response(tok, q, g, r, budget) for q, g, r in [
         ("What is 2 + 2?", "4", "2 + 2 makes four."), ("What is 5 + 3?", "8", "I do not know."), ("What is 5 + 3?", "8", long)]]
     assert "So the answer is 8." in messages[2] and messages[2].count("count the apples") < 400
     prompts = chat_prompts(tok, messages)
     assert all(len(tok.encode(p, add_special_tokens=False)) <= budget for p in prompts)
-    raw = complete(embedded_llm, prompts, SamplingParams(max_tokens=4, temperature=0.0))
+    raw = embedded_engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
     assert verdicts == [extract_yesno(o[0].text) for o in raw]
 
     cfg = make_cfg(tmp_path, *inputs, judge="llm", max_questions=10)
-    # The stage's judge is the session's engine: loading a second one costs minutes on CPU.
-    monkeypatch.setattr("pipeline.engine.load_llm", lambda model, engine_cfg: embedded_llm)
-    monkeypatch.setattr("pipeline.engine.unload_llm", lambda llm: None)
+    # The stage's judge is the session's engine (loading a second one costs minutes on CPU), opened
+    # with the judge's own model and engine settings and left open for the other tests.
+    opened: list[tuple[Path, EngineConfig]] = []
+
+    def session_engine(model: Path, engine_cfg: EngineConfig) -> contextlib.nullcontext[Any]:
+        opened.append((model, engine_cfg))
+        return contextlib.nullcontext(embedded_engine)
+
+    monkeypatch.setattr(F, "Engine", session_engine)
     stats = F.run(cfg)
+    assert opened == [(cfg.judge_model, cfg.judge_engine)]
     judge = stats["judge"]
     # Only r15 has no extractable answer (r5 is truncated and not sent).
     assert judge["mode"] == "llm" and judge["rules_undecided"] == 1 and judge["llm_judged"] == 1

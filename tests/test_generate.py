@@ -28,7 +28,7 @@ from pipeline.generation import (
     summarize,
     to_rows,
 )
-from pipeline.engine import Completion, complete
+from pipeline.engine import Completion
 from pipeline.perspectives import BUILTIN, load_perspectives
 from pipeline.shards import (QUESTION_SCHEMA, RATIONALE_SCHEMA, ShardError, ShardWriter, config_hash, read_table,
                              verify, write_shards)
@@ -221,11 +221,11 @@ def test_vllm_stage_on_embedded_model(tmp_path: Path, embedded_model_dir: Path, 
     from stages import generate as G
 
     events: list[str] = []
-    real_stream, real_write = G.engine_stream, G.ShardWriter.write
+    real_stream, real_write = G.Engine.stream, G.ShardWriter.write
 
-    def spy_stream(*args: Any, **kwargs: Any) -> Any:
+    def spy_stream(self: Any, *args: Any, **kwargs: Any) -> Any:
         events.append("stream")
-        for item in real_stream(*args, **kwargs):
+        for item in real_stream(self, *args, **kwargs):
             events.append("item")
             yield item
 
@@ -234,7 +234,7 @@ def test_vllm_stage_on_embedded_model(tmp_path: Path, embedded_model_dir: Path, 
         return real_write(self, rows)
 
     qdir = _questions_dir(tmp_path, 4)
-    monkeypatch.setattr(G, "engine_stream", spy_stream)
+    monkeypatch.setattr(G.Engine, "stream", spy_stream)
     monkeypatch.setattr(G.ShardWriter, "write", spy_write)
     out = tmp_path / "out"
     # max_num_seqs 2: the window (4 requests) is smaller than the workload (8), so it must top up
@@ -256,18 +256,15 @@ def test_vllm_stage_on_embedded_model(tmp_path: Path, embedded_model_dir: Path, 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_request_seeds_reproduce_a_batch(embedded_llm, embedded_model_dir: Path) -> None:
+def test_vllm_request_seeds_reproduce_a_batch(embedded_engine) -> None:
     """A resumed run regenerates a missing shard as the same batch of seeded requests: the
     samples come out the same, while different request seeds give different samples."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir))
     persp = load_perspectives(select=["Intuitive", "Planning"])
-    reqs = make_requests(QUESTIONS[:3], persp, "smol", 0, tok)
+    reqs = make_requests(QUESTIONS[:3], persp, "smol", 0, embedded_engine.tokenizer)
     sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=24, seed=0, n=2)
     prompts = [r.prompt for r in reqs]
-    first = [[c.text for c in cs] for cs in complete(embedded_llm, prompts, sampling_params(reqs, sampling))]
-    second = [[c.text for c in cs] for cs in complete(embedded_llm, prompts, sampling_params(reqs, sampling))]
+    first = [[c.text for c in cs] for cs in embedded_engine.generate(prompts, sampling_params(reqs, sampling))]
+    second = [[c.text for c in cs] for cs in embedded_engine.generate(prompts, sampling_params(reqs, sampling))]
     assert first == second
     texts = [t for ts in first for t in ts]
     assert len(texts) == 12 and len(set(texts)) > len(texts) // 2

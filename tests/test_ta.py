@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline import losses as L
-from pipeline.ta import TeachingAssistant, embed_paths, encode_texts
+from pipeline.ta import TeachingAssistant, embed_paths, encode_texts, encoder_key
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,6 +153,43 @@ def test_embeddings_are_cached_per_text(encoder_dir: Path, tmp_path: Path, monke
     # A new text does need the encoder.
     with pytest.raises(AssertionError, match="encoder was loaded"):
         encode_texts(["a brand new rationale"], str(encoder_dir), tmp_path)
+
+
+def test_embedding_cache_is_keyed_by_the_encoders_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other weights written to the encoder's folder get their own cache file (a cache named by the
+    path would hand back the old encoder's vectors); the same files at another path reuse it."""
+    loads: list[str] = []
+
+    class FolderEncoder:
+        """Stands in for SentenceTransformer: every vector carries the folder's one weight byte."""
+
+        def __init__(self, folder: str, device: str) -> None:
+            loads.append(folder)
+            self.weight = float(Path(folder, "weights.bin").read_bytes()[0])
+
+        def encode(self, texts: list[str], **kwargs: object) -> torch.Tensor:
+            return torch.tensor([[self.weight, float(len(t))] for t in texts])
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers",
+                        types.SimpleNamespace(SentenceTransformer=FolderEncoder))
+    texts = ["What is 2 + 3?", "2 + 3 = 5. The answer is 5."]
+    cache, encoder = tmp_path / "cache", tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "weights.bin").write_bytes(b"\x01")
+    first = encode_texts(texts, str(encoder), cache)
+    (encoder / "weights.bin").write_bytes(b"\x02")  # another encoder at the same path
+    second = encode_texts(texts, str(encoder), cache)
+    assert len(loads) == 2 and second[:, 0].eq(2.0).all() and first[:, 0].eq(1.0).all()
+    assert len(list(cache.glob("*.pt"))) == 2
+
+    moved = tmp_path / "elsewhere" / "encoder"
+    shutil.copytree(encoder, moved)
+    assert torch.equal(encode_texts(texts, str(moved), cache), second)
+    (encoder / "weights.bin").write_bytes(b"\x01")  # the first encoder again
+    assert torch.equal(encode_texts(texts, str(encoder), cache), first)
+    assert len(loads) == 2  # both served from the cache: no encoder was loaded
+    # A Hub id names no folder to hash: its name is the key.
+    assert encoder_key("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def test_score_heads_are_independent_not_one_linear_map() -> None:
