@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.fdic import TaConfig
 from stages import distill as D
 
 
@@ -55,8 +56,8 @@ def main() -> None:
     for method in args.methods:
         cfg = D.DistillConfig(method=method, filtered_dir=args.filtered, student=str(student), encoder=str(args.encoder),
                               out_root=args.work / "students", live_root=args.work / "live",
-                              embedding_cache=args.work / "cache", max_steps=args.steps, ta_warmup_steps=2,
-                              ta_accum_steps=2, checkpoint_every=args.steps)
+                              embedding_cache=args.work / "cache", max_steps=args.steps,
+                              ta=TaConfig(warmup_steps=2, accum_steps=2), checkpoint_every=args.steps)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from roofline import matmul_flops, matmul_params  # noqa: E402
 
-from pipeline import losses as L  # noqa: E402
 from pipeline.answers import canonical_rationale  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
 from pipeline.shards import FILTERED_SCHEMA, write_shards  # noqa: E402
@@ -98,7 +97,7 @@ def main() -> None:
     n_params = matmul_params(mind.student)
     units, path_rows, counts = D.load_units(mind, tok)
     t0 = time.perf_counter()
-    fdic = D.build_run_fdic(mind, path_rows, accelerator.device, mind.embedding_cache)
+    fdic = D.build_run_fdic(mind, units, path_rows, accelerator.device, mind.embedding_cache)
     embed_s = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=mind.lr)
@@ -107,15 +106,14 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}; TA embeddings {embed_s:.1f}s")
 
     def student_step(cfg: D.DistillConfig, batch: D.Batch) -> None:
-        loss, meta, _ = D.micro_losses(cfg, model, batch, accelerator.device, fdic if cfg.method == "mind" else None,
-                                       accelerator, 0)
+        loss, _ = D.micro_losses(cfg, model, batch, accelerator.device, fdic if cfg.method == "mind" else None,
+                                 accelerator, 0)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad()
-        if meta is not None:
-            (meta / cfg.ta_accum_steps).backward()
-            fdic.step(None)  # every step here: the worst case for the TA's cost
+        if cfg.method == "mind":
+            fdic.fit(cfg.ta.joint_lr, None)  # a TA step (ta.updates re-fits) every step: the worst case
 
     # The TA warm-up step: the frozen student's forward only, plus the TA's own step.
     model.eval()
@@ -123,9 +121,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         ce, _ = D.forward_losses(model, batch, accelerator.device, "off")
-    target = D.observe(accelerator, fdic, batch, ce, 0, mind)
-    fdic.warmup_step(L.listnet_kl(fdic.scores(batch.path_ids, batch.mask, train=True), target, batch.mask, mind.tau),
-                     None)
+    D.observe(accelerator, fdic, batch, ce, 0, mind)
+    fdic.warmup_step(None)
     warm_s = time.perf_counter() - t0
     model.train()
 

@@ -3,6 +3,7 @@
 The distill stage runs the loop; this module holds what FDIC keeps between micro-batches and
 how it changes, so each rule is testable without a training loop:
 
+- ``TaConfig``: the TA's and FDIC's settings (params.yaml's ``distill.ta``);
 - ``Fdic``: the TA, its optimiser, its own RNG, the frozen path embeddings, the inertia
   table ``L̄`` (one entry per rationale) and the clock of each rationale's last visit;
 - ``inertia_update``: the smoothing rule for ``L̄`` (below);
@@ -46,12 +47,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipeline.config import check
 from pipeline.losses import listnet_kl
 from pipeline.ta import TeachingAssistant
 
@@ -59,29 +61,49 @@ from pipeline.ta import TeachingAssistant
 _DROPOUT_SEED_OFFSET = 1_000_003
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A field with its help text, stored as stages/cli.py's ``field`` stores it (pipeline does not
+    import the stages)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
-class FdicConfig:
-    hidden_dim: int
-    num_heads: int
-    synergy: bool
-    score_heads: int
-    dropout: float
-    lr: float  # warm-up
-    joint_lr: float  # joint phase (much smaller than lr)
-    accum_steps: int  # joint phase: a TA step every this many student micro-batches
-    updates: int  # AdamW steps per TA step, each over the whole inertia table
-    mu: float  # inertia per student optimizer step (0: instantaneous loss)
-    tau: float  # temperature of the ListNet-KL meta loss
-    seed: int
+class TaConfig:
+    """The Teaching Assistant and its FDIC training: ``distill.ta`` in params.yaml, taken whole by
+    ``build_fdic``. Every default is params.yaml's value."""
+
+    # the network (pipeline/ta.py)
+    hidden: int = _setting(256, "TA hidden size")
+    heads: int = _setting(4, "TA synergy attention heads (must divide hidden)")
+    score_heads: int = _setting(1, "TA scoring heads, each with its own hidden layer (averaged into one score)")
+    dropout: float = _setting(0.1, "TA dropout")
+    synergy: bool = _setting(True, "TA synergy layer: self-attention across a question's paths (false: the "
+                                   "mind-no-synergy ablation)")
+    # its training
+    lr: float = _setting(1e-3, "TA learning rate in the warm-up")
+    warmup_steps: int = _setting(4, "FDIC warm-up: TA-only steps against the frozen student")
+    joint_lr: float = _setting(1e-4, "TA learning rate in the joint phase (much smaller than lr)")
+    accum_steps: int = _setting(4, "joint phase: a TA step every this many student micro-batches")
+    updates: int = _setting(128, "AdamW updates per TA step, each over every question's smoothed losses L̄ so far "
+                                 "(no extra student forward pass): enough for the TA to fit its target")
+    mu: float = _setting(0.85, "FDIC inertia μ per student optimizer step: a revisit after Δ steps does "
+                               "L̄ <- r·L̄ + (1-r)·L, r = μ^max(1, Δ); half-life ln2/-ln μ steps: set it against "
+                               "max_steps (0: the instantaneous loss, the mind-ema0 ablation)")
+    tau: float = _setting(0.5, "τ of the ListNet-KL meta loss (in per-token loss units: nats)")
 
     def __post_init__(self) -> None:
-        if self.num_heads < 1 or self.hidden_dim % self.num_heads or self.score_heads < 1:
-            raise ValueError(f"FDIC: hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads} "
-                             f"(>= 1), score_heads {self.score_heads} >= 1")
-        if not (self.lr > 0 and self.joint_lr > 0 and self.accum_steps >= 1 and self.updates >= 1
-                and 0.0 <= self.mu < 1.0 and self.tau > 0 and 0.0 <= self.dropout < 1.0):
-            raise ValueError("FDIC: learning rates and tau must be positive, accum_steps and updates >= 1, "
-                             "mu and dropout in [0, 1)")
+        check(self.hidden >= 1, f"distill.ta.hidden {self.hidden} must be >= 1")
+        check(self.heads >= 1 and self.hidden % self.heads == 0,
+              f"distill.ta.heads {self.heads} must be >= 1 and divide distill.ta.hidden {self.hidden}")
+        check(self.score_heads >= 1, f"distill.ta.score_heads {self.score_heads} must be >= 1")
+        check(0.0 <= self.dropout < 1.0, f"distill.ta.dropout {self.dropout} must be in [0, 1)")
+        check(self.lr > 0, f"distill.ta.lr {self.lr} must be positive")
+        check(self.warmup_steps >= 0, f"distill.ta.warmup_steps {self.warmup_steps} must be >= 0")
+        check(self.joint_lr > 0, f"distill.ta.joint_lr {self.joint_lr} must be positive")
+        check(self.accum_steps >= 1, f"distill.ta.accum_steps {self.accum_steps} must be >= 1")
+        check(self.updates >= 1, f"distill.ta.updates {self.updates} must be >= 1")
+        check(0.0 <= self.mu < 1.0, f"distill.ta.mu {self.mu} must be in [0, 1)")
+        check(self.tau > 0, f"distill.ta.tau {self.tau} must be positive")
 
 
 def half_life_steps(mu: float) -> float:
@@ -119,7 +141,7 @@ class Fdic:
     wrapped by accelerate; the inertia table is gathered over processes, and a TA step averages
     its gradients)."""
 
-    cfg: FdicConfig
+    cfg: TaConfig
     ta: TeachingAssistant
     opt: torch.optim.Optimizer
     rng: torch.Generator  # the TA's dropout masks
@@ -198,17 +220,16 @@ class Fdic:
         self.seen_at.copy_(state["seen_at"].to(self.seen_at.device))
 
 
-def build_fdic(emb: Tensor, questions: Tensor, cfg: FdicConfig, device: torch.device) -> Fdic:
-    """A fresh TA (initialised from ``cfg.seed`` without touching the global RNG) over the path
+def build_fdic(emb: Tensor, questions: Tensor, cfg: TaConfig, seed: int, device: torch.device) -> Fdic:
+    """A fresh TA (initialised from ``seed`` without touching the global RNG) over the path
     embeddings ``emb [paths, 2·d]`` of the questions ``questions [Q, K]`` (path ids, -1 padding),
     its AdamW at the warm-up ``lr`` and an empty ``L̄``."""
     with torch.random.fork_rng(devices=[]):  # built on CPU, then moved
         # The CPU generator only: torch.manual_seed would also reseed CUDA, the student's RNG on a GPU.
-        torch.default_generator.manual_seed(cfg.seed)
-        ta = TeachingAssistant(emb.shape[1], cfg.hidden_dim, cfg.num_heads, cfg.synergy, cfg.score_heads,
-                               cfg.dropout)
+        torch.default_generator.manual_seed(seed)
+        ta = TeachingAssistant(emb.shape[1], cfg.hidden, cfg.heads, cfg.synergy, cfg.score_heads, cfg.dropout)
     ta = ta.to(device)
-    rng = torch.Generator().manual_seed(cfg.seed + _DROPOUT_SEED_OFFSET)
+    rng = torch.Generator().manual_seed(seed + _DROPOUT_SEED_OFFSET)
     n = emb.shape[0]
     return Fdic(cfg, ta, torch.optim.AdamW(ta.parameters(), lr=cfg.lr), rng, emb.to(device), questions.to(device),
                 torch.full((n,), float("nan"), device=device), torch.full((n,), -1, dtype=torch.long, device=device))

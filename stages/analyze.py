@@ -64,7 +64,7 @@ class AnalyzeConfig:
     encoder_dir: Path = field(Path("data/models/all-minilm-l6-v2"), help="sentence encoder (sentence-transformers dir)")
     students: dict[str, str] = field(
         help="name -> HF model dir whose mean-pooled last-layer hidden states are clustered",
-        factory=lambda: {"base": "data/models/smollm2-135m-instruct", "mind": "data/students/mind/merged"},
+        factory=lambda: {"base": "data/models/smollm2-135m-instruct", "mind": "data/students/mind-s0/merged"},
     )
     per_perspective: int = field(12, help="rationales sampled per perspective (seeded)")
     only_finished: bool = field(True, help="use only rationales that ended on their own (finish_reason stop)")

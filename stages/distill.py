@@ -1,13 +1,14 @@
 """Distil the filtered multi-perspective rationales into the student: MIND and its baselines.
 
-    mind distill --method mind                 # params.yaml's `distill` section
-    mind distill --method uniform              # also: single, mcc
-    mind distill --method mind-no-synergy      # an ablation (also mind-ema0, mind-beta0)
+    mind distill --method mind                 # params.yaml's `distill` section -> data/students/mind-s0/
+    mind distill --method uniform --seed 1     # also: single, mcc -> data/students/uniform-s1/
+    mind distill --method mind-no-synergy      # an ablation (also mind-ema0, mind-beta0, mind-length)
+    mind distill --method mind --inject 0.25   # a quarter of the questions get a foreign path -> mind-inj-s0/
     accelerate launch --config_file configs/accelerate/ddp_gpu.yaml -m stages.app distill --method mind
 
 Reads ``data/filtered/`` (one training unit = one question with its K <= ``max_paths`` kept
 rationales) and the student model, and writes ``data/students/<run_name>/`` (run_name
-defaults to the method): ``adapter/`` (PEFT LoRA adapter; absent for full fine-tuning),
+defaults to ``<method>-s<seed>``): ``adapter/`` (PEFT LoRA adapter; absent for full fine-tuning),
 ``merged/`` (HF model dir with tokenizer and chat template; transformers and vLLM load it),
 ``ta.pt`` (the Teaching Assistant, ``mind`` only), ``config.json`` (resolved config) and
 ``metrics.json`` (written last). Training curves go through dvclive to
@@ -22,20 +23,28 @@ question are weighted:
 - ``uniform`` every kept path, equal weights; CE only.
 - ``mcc``     uniform + the answer-consistency term (MCC-KD style), weight ``consistency_weight``.
 - ``mind``    the TA's selection ``I`` and weights ``α`` + the consistency term, with
-              Feedback-Driven Inertia Calibration (FDIC, ``pipeline/fdic.py``): ``ta_warmup_steps``
-              of TA-only training against the frozen student's per-path losses, then a joint
-              phase in which the TA steps every ``ta_accum_steps`` student micro-batches with
-              ``ta_joint_lr``; per-rationale losses are smoothed with an inertia ``ema_mu`` per
-              student optimizer step. Each TA step re-fits every smoothed loss seen so far
-              (``ta_updates`` AdamW updates), so the TA's scores reach the scale of ``-L̄``.
+              Feedback-Driven Inertia Calibration (FDIC, ``pipeline/fdic.py``; its settings are the
+              mapping ``ta``): ``ta.warmup_steps`` of TA-only training against the frozen student's
+              per-path losses, then a joint phase in which the TA steps every ``ta.accum_steps``
+              student micro-batches with ``ta.joint_lr``; per-rationale losses are smoothed with an
+              inertia ``ta.mu`` per student optimizer step. Each TA step re-fits every smoothed loss
+              seen so far (``ta.updates`` AdamW updates), so the TA's scores reach the scale of ``-L̄``.
 
-Ablations (the paper's table) are methods too: ``mind-no-synergy`` (``synergy: false``),
-``mind-ema0`` (``ema_mu: 0``, the instantaneous loss) and ``mind-beta0`` (``beta: 0``) run
-``mind`` with that one parameter forced, into ``<out_root>/<ablation>``; ``mind-length``
+Ablations (the paper's table) are methods too: ``mind-no-synergy`` (``ta.synergy: false``),
+``mind-ema0`` (``ta.mu: 0``, the instantaneous loss) and ``mind-beta0`` (``beta: 0``) run
+``mind`` with that one parameter forced, into ``<out_root>/<ablation>-s<seed>``; ``mind-length``
 (``scorer: length``) is the length baseline: mind's selection and weights with ``s = -ln tokens``
 instead of the TA, which tells whether the TA learns more than "shorter is easier".
-``ablations`` lists the ones dvc.yaml runs and evaluates (``distill-ablation@<name>``,
-``evaluate-ablation@<name>``).
+dvc.yaml trains and evaluates every one of ``methods`` once per seed in ``seeds``
+(``distill@<method>-<seed>``, ``evaluate@<method>-<seed>``); the report pools the seeds.
+
+``inject`` (off by default) tests the mechanism end to end: in a seeded share of the questions,
+one kept path is replaced by a rationale of another question that ends in this question's own
+answer, the same questions and rationales for every method and seed. dvc.yaml trains
+``inject_methods`` on that data too (``distill-injected@...``, students ``<method>-inj-s<seed>``).
+mind's ``metrics.json`` then says how much weight the injected paths got:
+``injected_alpha_share`` and ``injected_deselected_share`` over the joint phase, and
+``injected_alpha_by_question`` under the final TA.
 
 For mind and its ablations the run's ``metrics.json`` says what the weights did, averaged over
 the joint phase: ``alpha_entropy_share`` (H(α) / ln K), ``oracle_alpha_entropy_share`` (the same
@@ -58,7 +67,6 @@ or starts from scratch.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -79,9 +87,9 @@ from torch import Tensor
 
 from pipeline import losses as L
 from pipeline.answers import ANSWER_TYPES
-from pipeline.config import ConfigError, check, from_dict, shown, to_dict
+from pipeline.config import ConfigError, check, deep_merge, from_dict, shown, to_dict
 from pipeline.engine import resolve_dtype
-from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, rng_fork, update_ema
+from pipeline.fdic import Fdic, TaConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.models import torch_dtype
 from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
 from pipeline.shards import (FILTERED_SCHEMA, atomic_write_json, config_hash, mismatched_file, read_manifest, read_rows,
@@ -92,25 +100,33 @@ from stages.cli import field
 log = logging.getLogger("mind.distill")
 
 Method = Literal["single", "uniform", "mcc", "mind", "mind-no-synergy", "mind-ema0", "mind-beta0", "mind-length"]
-Ablation = Literal["mind-no-synergy", "mind-ema0", "mind-beta0", "mind-length"]
 # Each ablation is mind with one parameter forced: the paper's ablation table, plus the length
 # baseline (mind's selection and weights, with scores from each path's length instead of the TA).
+# The forced keys are a params.yaml override of the distill section (nested mappings merge key by key).
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "mind-no-synergy": {"synergy": False}, "mind-ema0": {"ema_mu": 0.0}, "mind-beta0": {"beta": 0.0},
+    "mind-no-synergy": {"ta": {"synergy": False}}, "mind-ema0": {"ta": {"mu": 0.0}}, "mind-beta0": {"beta": 0.0},
     "mind-length": {"scorer": "length"}}
 # Keys that do not change what is trained: a checkpoint stays valid when only these change.
 _RESUME_NEUTRAL = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "out_root", "live_root",
-                   "embedding_cache", "run_name", "cpu_threads", "ablations")
+                   "embedding_cache", "run_name", "cpu_threads", "methods", "seeds", "inject_methods")
 CHECKSUMS = "checksums.json"  # in every checkpoint, written when it is complete
 
 
 @dataclass
 class DistillConfig:
     method: Method = field("mind", help="training method, or an ablation of mind (mind-no-synergy, mind-ema0, "
-                                        "mind-beta0: mind with synergy false, ema_mu 0, beta 0)")
-    ablations: list[Ablation] = field(help="ablations dvc.yaml runs and evaluates beside the methods "
-                                           "(distill-ablation@<name>); [] runs none", factory=list)
-    run_name: str | None = field(None, help="output folder name under out_root (default: the method)")
+                                        "mind-beta0: mind with ta.synergy false, ta.mu 0, beta 0)")
+    methods: list[Method] = field(help="the methods (and ablations) dvc.yaml trains and evaluates, once per seed: "
+                                       "distill@<method>-<seed>", factory=lambda: ["single", "uniform", "mcc", "mind"])
+    seeds: list[int] = field(help="the training seeds dvc.yaml runs every method with (seed: this run's)",
+                             factory=lambda: [0])
+    inject: float = field(0.0, help="share of questions whose kept paths get one foreign rationale (another "
+                                    "question's, ending in this question's own answer); 0: off. The same "
+                                    "questions and rationales for every method and seed")
+    inject_methods: list[Method] = field(help="methods dvc.yaml also trains on injected data (distill-injected@...; "
+                                              "needs inject > 0); [] runs none", factory=list)
+    run_name: str | None = field(None, help="output folder name under out_root (default: <method>-s<seed>, "
+                                            "<method>-inj-s<seed> with inject > 0)")
     filtered_dir: Path = field(Path("data/filtered"), help="filtered rationale shards")
     student: str = field("data/models/smollm2-135m-instruct", help="student model: local HF dir or Hub id")
     encoder: str = field("data/models/all-minilm-l6-v2", help="TA sentence encoder: sentence-transformers dir or name")
@@ -155,25 +171,12 @@ class DistillConfig:
     # losses and TA
     consistency_weight: float = field(0.5, help="λ: weight of the answer-consistency JSD term (mcc, mind)")
     beta: float = field(0.3, help="selection threshold β in [0, 1] on TA softmax probabilities (0: keep all)")
-    tau: float = field(0.5, help="τ of the ListNet-KL meta loss (in per-token loss units: nats)")
     tau_student: float = field(0.5, help="τ_student of the selection probabilities and the weights α")
-    synergy: bool = field(True, help="TA synergy layer (self-attention across a question's paths)")
-    ta_hidden: int = field(256, help="TA hidden size")
-    ta_heads: int = field(4, help="TA synergy attention heads")
-    ta_score_heads: int = field(1, help="TA scoring heads, each with its own hidden layer (averaged into one score)")
-    ta_dropout: float = field(0.1, help="TA dropout")
-    ta_lr: float = field(1e-3, help="TA learning rate in the warm-up phase")
-    ta_warmup_steps: int = field(4, help="FDIC warm-up: TA-only steps against the frozen student")
-    ta_joint_lr: float = field(1e-4, help="TA learning rate in the joint phase (much smaller than ta_lr)")
-    ta_accum_steps: int = field(4, help="joint phase: a TA step every this many student micro-batches")
-    ta_updates: int = field(128, help="AdamW updates per TA step, each over every question's smoothed losses L̄ so "
-                                     "far (no extra student forward pass): enough for the TA to fit its target")
     scorer: Literal["ta", "length"] = field(
         "ta", help="how mind scores paths: ta (the Teaching Assistant) or length (s = -ln tokens, the length "
                    "baseline; the mind-length ablation)")
-    ema_mu: float = field(0.5, help="FDIC inertia μ per student optimizer step: a revisit after Δ steps does "
-                                    "L̄ <- r·L̄ + (1-r)·L, r = μ^max(1, Δ); half-life ln2/-ln μ steps: set it "
-                                    "against max_steps (0: instantaneous loss)")
+    ta: TaConfig = field(help="the Teaching Assistant and its FDIC training (mapping: the keys of "
+                              "pipeline/fdic.py TaConfig)", factory=TaConfig)
     # robustness and logging
     checkpoint_every: int = field(4, help="save a resumable, sha256-verified checkpoint every N steps (0: never)")
     keep_checkpoints: bool = field(False, help="keep checkpoints after a successful run")
@@ -195,7 +198,7 @@ class DistillConfig:
         check(self.grad_accum >= 1, "distill.grad_accum must be >= 1")
         check(self.max_steps >= 1, "distill.max_steps must be >= 1")
         check(self.max_epochs > 0, "distill.max_epochs must be positive")
-        check(self.lr > 0 and self.ta_lr > 0 and self.ta_joint_lr > 0, "distill: learning rates must be positive")
+        check(self.lr > 0, "distill.lr must be positive")
         check(0.0 <= self.warmup_ratio < 1.0, "distill.warmup_ratio must be in [0, 1)")
         check(self.max_grad_norm >= 0, "distill.max_grad_norm must be >= 0")
         check(self.lora_r >= 1 and self.lora_alpha >= 1, "distill: lora_r and lora_alpha must be >= 1")
@@ -203,21 +206,23 @@ class DistillConfig:
         check(bool(self.lora_target_modules), "distill.lora_target_modules must name at least one module")
         check(self.consistency_weight >= 0, "distill.consistency_weight must be >= 0")
         check(0.0 <= self.beta <= 1.0, "distill.beta must be in [0, 1]")
-        check(self.tau > 0 and self.tau_student > 0, "distill: tau and tau_student must be positive")
-        check(self.ta_heads >= 1 and self.ta_hidden % self.ta_heads == 0,
-              "distill.ta_heads must be >= 1 and divide distill.ta_hidden")
-        check(self.ta_score_heads >= 1, "distill.ta_score_heads must be >= 1")
-        check(self.ta_warmup_steps >= 0 and self.ta_accum_steps >= 1 and self.ta_updates >= 1,
-              "distill: ta_warmup_steps >= 0, ta_accum_steps >= 1, ta_updates >= 1")
-        check(0.0 <= self.ta_dropout < 1.0, "distill.ta_dropout must be in [0, 1)")
-        check(0.0 <= self.ema_mu < 1.0, "distill.ema_mu must be in [0, 1)")
+        check(self.tau_student > 0, "distill.tau_student must be positive")
         check(self.checkpoint_every >= 0 and self.log_every >= 1, "distill: checkpoint_every >= 0, log_every >= 1")
         check(self.cpu_threads is None or self.cpu_threads >= 1, "distill.cpu_threads must be >= 1 or null")
-        check(len(set(self.ablations)) == len(self.ablations), f"distill.ablations {self.ablations} repeats a name")
+        check(bool(self.methods) and len(set(self.methods)) == len(self.methods),
+              f"distill.methods {self.methods} must name at least one method, each once")
+        check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+              f"distill.seeds {self.seeds} must list at least one seed >= 0, each once")
+        check(0.0 <= self.inject <= 1.0, f"distill.inject {self.inject} must be in [0, 1]")
+        check(len(set(self.inject_methods)) == len(self.inject_methods),
+              f"distill.inject_methods {self.inject_methods} repeats a name")
+        check(not self.inject_methods or self.inject > 0,
+              f"distill.inject_methods {self.inject_methods} needs distill.inject > 0 (it is 0: off)")
 
     @property
     def name(self) -> str:
-        return self.run_name or self.method
+        """The run's folder and model name; dvc.yaml writes the same pattern."""
+        return self.run_name or run_label(self.method, self.seed, self.inject > 0)
 
     @property
     def lam(self) -> float:
@@ -225,18 +230,18 @@ class DistillConfig:
         return self.consistency_weight if self.method in ("mcc", "mind") else 0.0
 
 
+def run_label(method: str, seed: int, injected: bool) -> str:
+    """``<method>-s<seed>``, or ``<method>-inj-s<seed>`` on injected data: evaluate and the report take
+    the name apart again (the report pools a method's seeds)."""
+    return f"{method}{'-inj' if injected else ''}-s{seed}"
+
+
 def resolve_ablation(cfg: DistillConfig) -> DistillConfig:
     """An ablation method as the ``mind`` config it stands for, run under the ablation's name."""
     if cfg.method not in ABLATIONS:
         return cfg
-    return dataclasses.replace(cfg, method="mind", run_name=cfg.run_name or cfg.method, **ABLATIONS[cfg.method])
-
-
-def fdic_config(cfg: DistillConfig) -> FdicConfig:
-    return FdicConfig(hidden_dim=cfg.ta_hidden, num_heads=cfg.ta_heads, synergy=cfg.synergy,
-                      score_heads=cfg.ta_score_heads, dropout=cfg.ta_dropout, lr=cfg.ta_lr, joint_lr=cfg.ta_joint_lr,
-                      accum_steps=cfg.ta_accum_steps, updates=cfg.ta_updates, mu=cfg.ema_mu, tau=cfg.tau,
-                      seed=cfg.seed)
+    forced = {**ABLATIONS[cfg.method], "method": "mind", "run_name": cfg.name}
+    return from_dict(DistillConfig, deep_merge(to_dict(cfg), forced), "distill")
 
 
 # ---------------------------------------------------------------- data
@@ -251,6 +256,7 @@ class PathExample:
     prompt_len: int  # tokens before the first target token
     suffix_start: int  # position of the first answer-suffix token in input_ids
     suffix_ids: list[int]
+    injected: bool = False  # another question's rationale put here by distill.inject
 
 
 @dataclass
@@ -317,6 +323,23 @@ def encode_path(tokenizer: Any, prompt_ids: list[int], prefix: str, tail_ids: li
     return ids, len(prompt_ids) + len(body_ids), suffix_ids
 
 
+def injected_questions(question_ids: list[str], share: float) -> set[str]:
+    """The ``share`` of questions that get a foreign path: a seeded draw that depends on nothing but
+    the question ids, so every method and training seed sees the same injected data."""
+    ids = sorted(question_ids)
+    return set(random.Random("inject").sample(ids, round(share * len(ids))))
+
+
+def foreign_row(row: dict[str, Any], qid: str, by_q: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """``row`` with its rationale body replaced by a rationale of another question (seeded per
+    question), ending in ``row``'s own answer suffix: right answer, reasoning about something else."""
+    rng = random.Random(f"inject/{qid}")
+    donor_q = rng.choice(sorted(q for q in by_q if q != qid))
+    donor = rng.choice(sorted(by_q[donor_q], key=lambda r: (r["perspective"], r["teacher"], r["sample_index"])))
+    body = donor["text"][: donor["answer_offset"]]
+    return {**row, "text": body + row["text"][row["answer_offset"]:], "answer_offset": len(body)}
+
+
 def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], list[dict[str, Any]], dict[str, int]]:
     """Read the filtered set into question units; returns (units, path rows, counts)."""
     rows = read_rows(cfg.filtered_dir)
@@ -344,6 +367,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
     units: list[QuestionUnit] = []
     path_rows: list[dict[str, Any]] = []
     rng = random.Random(cfg.seed)
+    inject = injected_questions(list(by_q), cfg.inject) if cfg.inject > 0 and len(by_q) > 1 else set()
     for qid in sorted(by_q):
         # Documented order: perspective, then teacher, then sample index.
         group = sorted(by_q[qid], key=lambda r: (r["perspective"], r["teacher"], r["sample_index"]))
@@ -360,7 +384,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
             if len(ids) > cfg.max_seq_len:
                 counts["paths_too_long"] += 1
                 continue
-            encoded.append((r, ids, s_start, s_ids))
+            encoded.append((r, ids, s_start, s_ids, False))
         if len(encoded) > cfg.max_paths:
             # A seeded draw per question, the same for every method: cutting by perspective name
             # dropped the same perspectives from every question.
@@ -369,6 +393,16 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
                 counts["paths_over_max_paths"] += 1
                 counts[f"paths_over_max_paths/{encoded[i][0]['perspective']}"] += 1
             encoded = [encoded[i] for i in keep]
+        if qid in inject and encoded:
+            # After the max_paths draw, so the foreign path always reaches the student.
+            j = random.Random(f"inject/{qid}/slot").randrange(len(encoded))
+            r = foreign_row(encoded[j][0], qid, by_q)
+            ids, s_start, s_ids = encode_path(tokenizer, prompt_ids, prefix, tail_ids, r["text"], r["answer_offset"])
+            if len(ids) > cfg.max_seq_len:
+                counts["injections_too_long"] += 1
+            else:
+                encoded[j] = (r, ids, s_start, s_ids, True)
+                counts["paths_injected"] += 1
         if not encoded:
             counts["questions_without_paths"] += 1
             continue
@@ -382,9 +416,10 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
             counts["paths_unused_by_single"] += len(encoded) - 1
             encoded = [encoded[pick]]
         paths = []
-        for r, ids, s_start, s_ids in encoded:
+        for r, ids, s_start, s_ids, foreign in encoded:
             key = f"{qid}/{r['teacher']}/{r['perspective']}/{r['sample_index']}"
-            paths.append(PathExample(len(path_rows), key, r["perspective"], ids, len(prompt_ids), s_start, s_ids))
+            paths.append(PathExample(len(path_rows), key, r["perspective"], ids, len(prompt_ids), s_start, s_ids,
+                                     foreign))
             path_rows.append({"key": key, "question": r["question"], "text": r["text"], "perspective": r["perspective"]})
         units.append(QuestionUnit(qid, paths, common_tail([p.suffix_ids for p in paths])))
     counts["questions"] = len(units)
@@ -433,6 +468,7 @@ class Batch:
     tokens: int  # target tokens in the batch
     path_tokens: Tensor  # [Q, K] target tokens of each path (padding 0)
     perspectives: list[list[str]]  # per question, its paths' perspectives
+    injected: Tensor  # [Q, K] True on a path distill.inject put there
 
 
 def collate(units: list[QuestionUnit], pad_id: int, k_max: int) -> Batch:
@@ -462,8 +498,12 @@ def collate(units: list[QuestionUnit], pad_id: int, k_max: int) -> Batch:
     start = min(p.prompt_len for p in paths) - 1
     path_tokens = torch.zeros((Q, k_max), dtype=torch.long)
     path_tokens[grid >= 0] = (labels != L.IGNORE_INDEX).sum(dim=1)[grid[grid >= 0]]
+    injected = torch.zeros((Q, k_max), dtype=torch.bool)
+    for q, u in enumerate(units):
+        injected[q, : len(u.paths)] = torch.tensor([p.injected for p in u.paths])
     return Batch(input_ids, attention_mask, labels, start, grid, grid >= 0, path_ids, jsd_pos,
-                 int((labels != L.IGNORE_INDEX).sum()), path_tokens, [[p.perspective for p in u.paths] for u in units])
+                 int((labels != L.IGNORE_INDEX).sum()), path_tokens, [[p.perspective for p in u.paths] for u in units],
+                 injected)
 
 
 # ---------------------------------------------------------------- model
@@ -534,7 +574,7 @@ def build_run_fdic(cfg: DistillConfig, units: list[QuestionUnit], path_rows: lis
     questions = torch.full((len(units), cfg.max_paths), -1, dtype=torch.long)
     for i, u in enumerate(units):
         questions[i, : len(u.paths)] = torch.tensor([p.path_id for p in u.paths])
-    return build_fdic(emb, questions, fdic_config(cfg), device)
+    return build_fdic(emb, questions, cfg.ta, cfg.seed, device)
 
 
 def observe(accelerator: Any, fdic: Fdic, batch: Batch, ce: Tensor, clock: int, cfg: DistillConfig) -> Tensor:
@@ -563,7 +603,7 @@ def ta_stats(scores: Tensor, smoothed: Tensor, mask: Tensor, cfg: DistillConfig)
     return {"oracle_alpha_entropy_share": nan_list(L.entropy_share(alpha_star, mask)),
             "ta_score_slope": [L.within_question_slope(oracle, scores, mask)],
             "spearman": [L.mean_question_spearman(scores, oracle, mask)],
-            "meta_loss": [float(L.listnet_kl(scores, smoothed, mask, cfg.tau))]}
+            "meta_loss": [float(L.listnet_kl(scores, smoothed, mask, cfg.ta.tau))]}
 
 
 def alpha_stats(alpha: Tensor, selected: Tensor, mask: Tensor, batch: Batch) -> dict[str, list[float]]:
@@ -577,6 +617,10 @@ def alpha_stats(alpha: Tensor, selected: Tensor, mask: Tensor, batch: Batch) -> 
     for q, names in enumerate(batch.perspectives):
         for j, name in enumerate(names):
             out.setdefault(f"alpha_share/{name}", []).append(float(share[q, j]))
+    foreign = batch.injected
+    if foreign.any():
+        out["injected_alpha_share"] = [float(v) for v in share[foreign]]
+        out["injected_deselected_share"] = [float(v) for v in (~selected.cpu()[foreign]).float()]
     return out
 
 
@@ -741,29 +785,134 @@ def reduce_record(accelerator: Any, acc: dict[str, list[float]]) -> dict[str, fl
     return rec
 
 
+@dataclass
+class RunState:
+    """What the phases of one training run share. Every process holds its own; ``step`` and
+    ``warm_done`` are where the run stands (restored by a resume, saved by a checkpoint)."""
+
+    cfg: DistillConfig  # with any ablation resolved
+    accelerator: Any
+    model: Any  # prepared by accelerate
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    fdic: Fdic | None  # mind with the TA scorer only
+    average: Callable[[Tensor], Tensor] | None  # how a TA step averages gradients over processes
+    units: list[QuestionUnit]
+    counts: dict[str, int]  # load_units' counts
+    started: float  # time.time() when run() began
+    step: int = 0  # student optimizer steps done
+    warm_done: int = 0  # TA warm-up steps done
+    resumed_from: int | None = None  # the checkpoint's step, when the run resumed
+    live: Any = None  # dvclive's Live, on the main process once the run has started
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def out_dir(self) -> Path:
+        return self.cfg.out_root / self.cfg.name
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def batch_at(self, stream_seed: int, micro: int) -> Batch:
+        """This process's share of global micro-batch ``micro`` of a seeded question stream."""
+        per = self.cfg.questions_per_step
+        first = self.accelerator.process_index * per
+        idx = question_stream(len(self.units), stream_seed, micro, per * self.accelerator.num_processes)
+        return collate([self.units[i] for i in idx[first: first + per]], self.tokenizer.pad_token_id,
+                       self.cfg.max_paths)
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides accelerate's state (model, optimizer, RNG)."""
+        return {"resume_hash": resume_hash(self.cfg), "step": self.step, "warm_done": self.warm_done,
+                "scheduler": self.scheduler.state_dict(), "fdic": self.fdic.state_dict() if self.fdic else None}
+
+
+@dataclass
+class Trained:
+    """What the joint phase leaves for the outputs."""
+
+    history: list[dict[str, float]]  # one record per student step this run took (after a resume: the rest)
+    tokens: int  # target tokens over every process
+    seconds: float
+
+
 def run(cfg: DistillConfig) -> dict[str, Any]:
     """Train one student (method, ablation) on the filtered set and save adapter, merged model, TA and metrics."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-    from tqdm import tqdm
-
-    t_start = time.time()
+    started = time.time()
     cfg = resolve_ablation(cfg)
     read_manifest(cfg.filtered_dir)  # fail fast, before any model loads, when the filtered set is missing
+    r = set_up(cfg, started)
+    start_or_resume(r)
+    warm_curve = warm_up_ta(r)
+    trained = train(r)
+    write_run_outputs(r, warm_curve, trained)
+    r.accelerator.wait_for_everyone()
+    r.accelerator.end_training()
+    return {"out_dir": str(r.out_dir), "steps": r.step, "resumed_from_step": r.resumed_from}
+
+
+def set_up(cfg: DistillConfig, started: float) -> RunState:
+    """The accelerator, the student, its question units, the TA (mind) and the optimizer, in the
+    order that fixes the RNG: the seed, then the student's initialisation (LoRA)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     accelerator = Accelerator(cpu=cfg.force_cpu or not torch.accelerator.is_available(),
                               gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    say = log.info if main else log.debug  # one log line per event, not one per process
-    out_dir, live_dir = cfg.out_root / cfg.name, cfg.live_root / cfg.name
-    ckpt_root = out_dir / "checkpoints"
     set_seed(cfg.seed)
 
-    # ---- data and student
     model, tokenizer = load_student(cfg)
     units, path_rows, counts = load_units(cfg, tokenizer)
-    n, per_step = len(units), cfg.questions_per_step * world
+    check_enough_questions(cfg, len(units), world)
+    say(accelerator,
+        "%s: %d questions, %d paths (K mean %.2f, max %d) from %d rows; dropped: %s; %d process(es) on %s (%s)",
+        cfg.name, len(units), counts["paths"], counts["paths"] / len(units), max(len(u.paths) for u in units),
+        counts["rows_read"], {k: v for k, v in counts.items() if k not in ("rows_read", "questions", "paths")}
+        or "none", world, device, accelerator.state.backend or "single process")
+    uses_ta = cfg.method == "mind" and cfg.scorer == "ta"
+    fdic = build_run_fdic(cfg, units, path_rows, device, cfg.embedding_cache if main else None) if uses_ta else None
+    if fdic is not None:
+        say(accelerator, "%s: FDIC inertia ta.mu %g: half-life %.1f of %d student steps", cfg.name, cfg.ta.mu,
+            half_life_steps(cfg.ta.mu), cfg.max_steps)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(round(cfg.warmup_ratio * cfg.max_steps),
+                                                                       cfg.max_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.finetune == "lora" and not sharded(accelerator):
+        save_adapter_only(accelerator, model)
+    return RunState(cfg, accelerator, model, tokenizer, optimizer, scheduler, fdic, grad_average(accelerator), units,
+                    counts, started)
+
+
+def say(accelerator: Any, msg: str, *args: Any) -> None:
+    """Log on the main process (debug on the others): one log line per event, not one per process."""
+    (log.info if accelerator.is_main_process else log.debug)(msg, *args)
+
+
+def sharded(accelerator: Any) -> bool:
+    """FSDP or DeepSpeed: the model's state is sharded over the processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_enough_questions(cfg: DistillConfig, n: int, world: int) -> None:
+    """The usable questions fill a step, and the steps take no more than ``max_epochs`` passes."""
+    per_step = cfg.questions_per_step * world
     visits = cfg.max_steps * cfg.grad_accum * per_step
     if n < per_step:
         raise ConfigError(f"distill: {n} usable questions in {cfg.filtered_dir}, but one step needs "
@@ -774,180 +923,176 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             f"{cfg.max_steps} steps x {cfg.grad_accum} accumulation x {cfg.questions_per_step} questions/step x "
             f"{world} processes = {visits} question visits = {visits / n:.1f} epochs > max_epochs "
             f"{cfg.max_epochs:g}; lower max_steps, raise max_epochs, or filter less strictly")
-    say("%s: %d questions, %d paths (K mean %.2f, max %d) from %d rows; dropped: %s; %d process(es) on %s (%s)",
-        cfg.name, n, counts["paths"], counts["paths"] / n, max(len(u.paths) for u in units), counts["rows_read"],
-        {k: v for k, v in counts.items() if k not in ("rows_read", "questions", "paths")} or "none", world, device,
-        accelerator.state.backend or "single process")
-    uses_ta = cfg.method == "mind" and cfg.scorer == "ta"
-    fdic = build_run_fdic(cfg, units, path_rows, device, cfg.embedding_cache if main else None) if uses_ta else None
-    if fdic is not None:
-        say("%s: FDIC inertia ema_mu %g: half-life %.1f of %d student steps", cfg.name, cfg.ema_mu,
-            half_life_steps(cfg.ema_mu), cfg.max_steps)
-    average = grad_average(accelerator)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(round(cfg.warmup_ratio * cfg.max_steps),
-                                                                       cfg.max_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if cfg.finetune == "lora" and not sharded:
-        names = {k for k, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
-        def only_adapter(_models: list[Any], weights: list[dict[str, Any]], _dir: str) -> None:
-            # A LoRA checkpoint needs the adapter, not another copy of the frozen base model.
-            for w in weights:
-                for k in [k for k in w if k.removeprefix("module.") not in names]:
-                    del w[k]
+def save_adapter_only(accelerator: Any, model: Any) -> None:
+    """Make accelerate's checkpoints hold the trainable (LoRA) weights only: a LoRA checkpoint needs
+    the adapter, not another copy of the frozen base model."""
+    names = {k for k, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
-        accelerator.register_save_state_pre_hook(only_adapter)
+    def only_adapter(_models: list[Any], weights: list[dict[str, Any]], _dir: str) -> None:
+        for w in weights:
+            for k in [k for k in w if k.removeprefix("module.") not in names]:
+                del w[k]
 
-    # ---- resume from the last checkpoint of the same config, else start clean
-    step = warm_done = 0
-    resumed_from = None
-    rh = resume_hash(cfg)
-    ckpt, failed = pick_checkpoint(ckpt_root) if cfg.resume else (None, [])
+    accelerator.register_save_state_pre_hook(only_adapter)
+
+
+def start_or_resume(r: RunState) -> None:
+    """Resume from the newest checkpoint that verifies and belongs to this config, else start
+    clean (a fresh run owns its folder: nothing stale survives); then open the dvclive log."""
+    cfg, accelerator = r.cfg, r.accelerator
+    ckpt, failed = pick_checkpoint(r.ckpt_root) if cfg.resume else (None, [])
     for bad, problem in failed:
-        say("%s: checkpoint %s fails verification (%s); discarded", cfg.name, bad, problem)
+        say(accelerator, "%s: checkpoint %s fails verification (%s); discarded", cfg.name, bad, problem)
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False) if ckpt else None
-    if ckpt is not None and state["resume_hash"] != rh:
-        say("%s: checkpoint %s belongs to another config; starting fresh", cfg.name, ckpt)
+    if ckpt is not None and state["resume_hash"] != resume_hash(cfg):
+        say(accelerator, "%s: checkpoint %s belongs to another config; starting fresh", cfg.name, ckpt)
     elif ckpt is not None:
-        accelerator.load_state(str(ckpt), **({} if sharded else {"strict": False}))
-        step, warm_done = state["step"], state["warm_done"]
-        scheduler.load_state_dict(state["scheduler"])
-        if fdic is not None:
-            fdic.load_state_dict(state["fdic"])
-        resumed_from = step
-        say("%s: resumed from %s (step %d)", cfg.name, ckpt, step)
+        accelerator.load_state(str(ckpt), **({} if sharded(accelerator) else {"strict": False}))
+        r.step, r.warm_done = state["step"], state["warm_done"]
+        r.scheduler.load_state_dict(state["scheduler"])
+        if r.fdic is not None:
+            r.fdic.load_state_dict(state["fdic"])
+        r.resumed_from = r.step
+        say(accelerator, "%s: resumed from %s (step %d)", cfg.name, ckpt, r.step)
     elif failed:
-        say("%s: no checkpoint verifies; starting from scratch", cfg.name)
+        say(accelerator, "%s: no checkpoint verifies; starting from scratch", cfg.name)
     accelerator.wait_for_everyone()
-    if main:
+    if r.main:
         for bad, _ in failed:
             shutil.rmtree(bad, ignore_errors=True)
-    if main and resumed_from is None:
-        shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run owns its folder: nothing stale survives
+    if r.main and r.resumed_from is None:
+        shutil.rmtree(r.out_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    live = None
-    if main:
+    if r.main:
         from dvclive import Live
 
-        live = Live(str(live_dir), resume=resumed_from is not None, save_dvc_exp=False, dvcyaml=None)
-        live.step = step
+        r.live = Live(str(cfg.live_root / cfg.name), resume=r.resumed_from is not None, save_dvc_exp=False,
+                      dvcyaml=None)
+        r.live.step = r.step
 
-    def batch_at(stream_seed: int, micro: int) -> Batch:
-        """This process's share of global micro-batch ``micro`` of a seeded question stream."""
-        first = accelerator.process_index * cfg.questions_per_step
-        idx = question_stream(n, stream_seed, micro, per_step)[first: first + cfg.questions_per_step]
-        return collate([units[i] for i in idx], tokenizer.pad_token_id, cfg.max_paths)
 
-    def trainer_state() -> dict[str, Any]:
-        return {"resume_hash": rh, "step": step, "warm_done": warm_done, "scheduler": scheduler.state_dict(),
-                "fdic": fdic.state_dict() if fdic else None}
+def warm_up_ta(r: RunState) -> list[dict[str, float]]:
+    """FDIC phase 1: the TA learns alone against the frozen student's per-path losses, for the
+    warm-up steps a resume has not done yet. Its questions come from a separate stream, so the
+    student's stream is the same for every method. Returns the warm-up's curve."""
+    cfg, fdic = r.cfg, r.fdic
+    curve: list[dict[str, float]] = []
+    if fdic is None:
+        return curve
+    r.model.eval()
+    for w in range(r.warm_done, cfg.ta.warmup_steps):
+        batch = r.batch_at(cfg.seed + 7919, w)
+        with torch.no_grad():
+            ce, _ = forward_losses(r.model, batch, r.device, "off")
+        target = observe(r.accelerator, fdic, batch, ce, 0, cfg)  # clock 0: the student has not stepped
+        meta = fdic.warmup_step(r.average)
+        check_finite(r.accelerator, {"TA meta loss": meta}, -cfg.ta.warmup_steps + w, r.ckpt_root, cfg.name)
+        with torch.no_grad():
+            rho = L.mean_question_spearman(fdic.scores(batch.path_ids, batch.mask, train=False), -target,
+                                           batch.mask.to(r.device))
+        curve.append(reduce_record(r.accelerator, {"meta_loss": [nan_if_none(meta)], "spearman": [rho]}))
+        r.warm_done = w + 1
+        say(r.accelerator, "%s: TA warm-up %d/%d: table meta loss %.4f, batch Spearman(s, -L̄) %.3f", cfg.name,
+            r.warm_done, cfg.ta.warmup_steps, curve[-1]["meta_loss"], curve[-1]["spearman"])
+    return curve
 
-    # ---- FDIC phase 1: the TA learns alone against the frozen student's per-path losses.
-    # Its questions come from a separate stream, so the student's stream is the same for every method.
-    warm_curve: list[dict[str, float]] = []
-    if fdic is not None:
-        model.eval()
-        for w in range(warm_done, cfg.ta_warmup_steps):
-            batch = batch_at(cfg.seed + 7919, w)
-            with torch.no_grad():
-                ce, _ = forward_losses(model, batch, device, "off")
-            target = observe(accelerator, fdic, batch, ce, 0, cfg)  # clock 0: the student has not stepped
-            meta = fdic.warmup_step(average)
-            check_finite(accelerator, {"TA meta loss": meta}, -cfg.ta_warmup_steps + w, ckpt_root, cfg.name)
-            with torch.no_grad():
-                rho = L.mean_question_spearman(fdic.scores(batch.path_ids, batch.mask, train=False), -target,
-                                               batch.mask.to(device))
-            warm_curve.append(reduce_record(accelerator, {"meta_loss": [nan_if_none(meta)], "spearman": [rho]}))
-            warm_done = w + 1
-            say("%s: TA warm-up %d/%d: table meta loss %.4f, batch Spearman(s, -L̄) %.3f", cfg.name, warm_done,
-                cfg.ta_warmup_steps, warm_curve[-1]["meta_loss"], warm_curve[-1]["spearman"])
 
-    # ---- joint phase: the student trains; the TA follows L̄ at a smaller LR, every ta_accum_steps micro-batches.
+def train(r: RunState) -> Trained:
+    """The joint phase: the student trains up to ``max_steps``; the TA follows L̄ at a smaller LR,
+    every ``ta.accum_steps`` micro-batches. Logs every step, checkpoints every ``checkpoint_every``."""
+    from tqdm import tqdm
+
+    cfg, accelerator, model = r.cfg, r.accelerator, r.model
     model.train()
     history: list[dict[str, float]] = []
     tokens = 0
     t_train = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill {cfg.name}", unit="step", disable=not main)
-    while step < cfg.max_steps:
+    bar = tqdm(total=cfg.max_steps, initial=r.step, desc=f"distill {cfg.name}", unit="step", disable=not r.main)
+    while r.step < cfg.max_steps:
         acc: dict[str, list[float]] = defaultdict(list)
         for a in range(cfg.grad_accum):
-            micro = step * cfg.grad_accum + a
-            batch = batch_at(cfg.seed, micro)
+            micro = r.step * cfg.grad_accum + a
+            batch = r.batch_at(cfg.seed, micro)
             tokens += batch.tokens
             with accelerator.accumulate(model):
-                loss, stats = micro_losses(cfg, model, batch, device, fdic, accelerator, step)
-                check_finite(accelerator, {"loss": loss}, step, ckpt_root, cfg.name)
+                loss, stats = micro_losses(cfg, model, batch, r.device, r.fdic, accelerator, r.step)
+                check_finite(accelerator, {"loss": loss}, r.step, r.ckpt_root, cfg.name)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     # all parameters: FSDP's own clipping only engages for the model's full parameter list
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                    check_finite(accelerator, {"gradient norm": norm}, step, ckpt_root, cfg.name)
-                optimizer.step()
-                optimizer.zero_grad()
-            if fdic is not None:
+                    check_finite(accelerator, {"gradient norm": norm}, r.step, r.ckpt_root, cfg.name)
+                r.optimizer.step()
+                r.optimizer.zero_grad()
+            if r.fdic is not None:
                 # Steps where the micro-batch index says, so a resumed run steps where this one would.
-                fdic.joint_micro(micro, average)
+                r.fdic.joint_micro(micro, r.average)
             for k, v in stats.items():
                 acc[k].extend(v)
-        scheduler.step()
-        step += 1
+        r.scheduler.step()
+        r.step += 1
         rec = reduce_record(accelerator, acc)
-        rec["lr"] = scheduler.get_last_lr()[0]
+        rec["lr"] = r.scheduler.get_last_lr()[0]
         if "oracle_alpha_entropy_share" in rec:
             rec["ta_fit"] = nan_if_none(ta_fit(rec["alpha_entropy_share"], rec["oracle_alpha_entropy_share"]))
         history.append(rec)
         bar.update(1)
-        if live is not None:
+        if r.live is not None:
             for k, v in rec.items():
                 if not math.isnan(v):
-                    live.log_metric(f"train/{k}", v)
-            live.next_step()
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    r.live.log_metric(f"train/{k}", v)
+            r.live.next_step()
+            if r.step % cfg.log_every == 0 or r.step == cfg.max_steps:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", ce=f"{rec['ce']:.4f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            say("%s: checkpoint %s", cfg.name, save_checkpoint(accelerator, ckpt_root, step, trainer_state()))
+        if cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and r.step < cfg.max_steps:
+            path = save_checkpoint(accelerator, r.ckpt_root, r.step, r.trainer_state())
+            say(accelerator, "%s: checkpoint %s", cfg.name, path)
     bar.close()
-    train_s = time.time() - t_train
-    tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), "sum"))
+    seconds = time.time() - t_train
+    return Trained(history, int(accelerator.reduce(torch.tensor(tokens, device=r.device), "sum")), seconds)
 
-    # ---- outputs (metrics.json last: it marks the run complete)
-    save_outputs(cfg, accelerator, model, tokenizer, fdic, out_dir)
-    if main:
-        tail = history[-max(1, len(history) // 4):]
 
-        def final(key: str) -> float | None:
-            vals = [h[key] for h in tail if key in h and not math.isnan(h[key])]
-            return sum(vals) / len(vals) if vals else None
+def write_run_outputs(r: RunState, warm_curve: list[dict[str, float]], trained: Trained) -> None:
+    """adapter/, merged/ and ta.pt (save_outputs), then on the main process config.json, the alpha
+    plot and metrics.json, last: it marks the run complete. Checkpoints go unless kept."""
+    cfg, history = r.cfg, trained.history
+    save_outputs(cfg, r.accelerator, r.model, r.tokenizer, r.fdic, r.out_dir)
+    if not r.main:
+        return
+    tail = history[-max(1, len(history) // 4):]
 
-        metrics = {
-            "method": cfg.method, "run_name": cfg.name, "steps": step, "resumed_from_step": resumed_from,
-            "processes": world, "questions": n, "paths": counts["paths"], "data_counts": counts,
-            "first_loss": history[0]["loss"] if history else None,
-            **{f"final_{k}": final(k) for k in ("loss", "ce", "ce_mean", "jsd", "meta_loss", "spearman",
-                                                  "mean_selected", "alpha_entropy")},
-            **weighting_summary(history),
-            "ta_warmup": warm_curve, "train_seconds": round(train_s, 2), "total_seconds": round(time.time() - t_start, 2),
-            "train_tokens": tokens, "tokens_per_second": round(tokens / train_s, 1) if train_s > 0 else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-            "history": history,
-        }
-        atomic_write_json(out_dir / "config.json", {"stage": "distill", **to_dict(cfg)})
-        if "alpha_share" in metrics:
-            plot_alpha_share(history, out_dir / "alpha_share.png")
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        live.end()  # type: ignore[union-attr]
-        say("%s: %d steps in %.1fs (%.0f target tokens/s), loss %.4f -> %.4f; wrote %s", cfg.name, step, train_s,
-            metrics["tokens_per_second"] or 0.0, metrics["first_loss"] or float("nan"),
-            metrics["final_loss"] or float("nan"), out_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"out_dir": str(out_dir), "steps": step, "resumed_from_step": resumed_from}
+    def final(key: str) -> float | None:
+        vals = [h[key] for h in tail if key in h and not math.isnan(h[key])]
+        return sum(vals) / len(vals) if vals else None
+
+    counts, train_s = r.counts, trained.seconds
+    metrics = {
+        "method": cfg.method, "run_name": cfg.name, "steps": r.step, "resumed_from_step": r.resumed_from,
+        "processes": r.accelerator.num_processes, "questions": len(r.units), "paths": counts["paths"],
+        "data_counts": counts, "first_loss": history[0]["loss"] if history else None,
+        **{f"final_{k}": final(k) for k in ("loss", "ce", "ce_mean", "jsd", "meta_loss", "spearman",
+                                              "mean_selected", "alpha_entropy")},
+        **weighting_summary(history),
+        **({"injected_alpha_by_question": injected_alpha_by_question(cfg, r.units, r.fdic, r.device)}
+           if cfg.method == "mind" and counts.get("paths_injected") else {}),
+        "ta_warmup": warm_curve, "train_seconds": round(train_s, 2),
+        "total_seconds": round(time.time() - r.started, 2), "train_tokens": trained.tokens,
+        "tokens_per_second": round(trained.tokens / train_s, 1) if train_s > 0 else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "history": history,
+    }
+    atomic_write_json(r.out_dir / "config.json", {"stage": "distill", **to_dict(cfg)})
+    if "alpha_share" in metrics:
+        plot_alpha_share(history, r.out_dir / "alpha_share.png")
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(r.ckpt_root, ignore_errors=True)
+    atomic_write_json(r.out_dir / "metrics.json", metrics)
+    r.live.end()
+    say(r.accelerator, "%s: %d steps in %.1fs (%.0f target tokens/s), loss %.4f -> %.4f; wrote %s", cfg.name, r.step,
+        train_s, metrics["tokens_per_second"] or 0.0, metrics["first_loss"] or float("nan"),
+        metrics["final_loss"] or float("nan"), r.out_dir)
 
 
 def nan_if_none(x: float | None) -> float:
@@ -971,9 +1116,29 @@ def weighting_summary(history: list[dict[str, float]]) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {k: mean(k) for k in ("alpha_entropy_share", "oracle_alpha_entropy_share", "ta_score_slope",
                                                   "selected_share", "alpha_length_corr")}
+    if any("injected_alpha_share" in h for h in history):
+        out.update({k: mean(k) for k in ("injected_alpha_share", "injected_deselected_share")})
     out["ta_fit"] = ta_fit(out["alpha_entropy_share"], out["oracle_alpha_entropy_share"])
     out["alpha_share"] = {n: mean(f"alpha_share/{n}") for n in share_names(history)}
     return out
+
+
+def injected_alpha_by_question(cfg: DistillConfig, units: list[QuestionUnit], fdic: Fdic | None,
+                               device: torch.device) -> dict[str, float]:
+    """K·α of each injected path under the final scorer (1 = a uniform share, 0 = ignored), per question.
+
+    The TA scores from the encoder's embeddings alone, so this needs no student forward pass."""
+    hit = [u for u in units if any(p.injected for p in u.paths)]
+    if not hit:
+        return {}
+    batch = collate(hit, 0, cfg.max_paths)
+    mask = batch.mask.to(device)
+    with torch.no_grad():
+        s = (fdic.scores(batch.path_ids, batch.mask, train=False) if fdic is not None
+             else L.length_scores(batch.path_tokens.to(device), mask))
+        alpha = L.path_weights(s, L.select_paths(s, mask, cfg.beta, cfg.tau_student), cfg.tau_student)
+    share = (alpha * mask.sum(dim=-1, keepdim=True)).cpu()
+    return {u.question_id: float(share[q][batch.injected[q]].mean()) for q, u in enumerate(hit)}
 
 
 def plot_alpha_share(history: list[dict[str, float]], path: Path) -> None:
@@ -1049,6 +1214,6 @@ def save_outputs(cfg: DistillConfig, accelerator: Any, model: Any, tokenizer: An
         tmp = out_dir / ".ta.pt.tmp"
         torch.save({"state_dict": fdic.ta.state_dict(), "ema": fdic.ema.cpu(), "seen_at": fdic.seen_at.cpu(),
                     "encoder": cfg.encoder, "config": {
-            "embed_dim": fdic.emb.shape[1], "hidden_dim": cfg.ta_hidden, "num_heads": cfg.ta_heads,
-            "synergy": cfg.synergy, "score_heads": cfg.ta_score_heads, "dropout": cfg.ta_dropout}}, tmp)
+            "embed_dim": fdic.emb.shape[1], "hidden_dim": cfg.ta.hidden, "num_heads": cfg.ta.heads,
+            "synergy": cfg.ta.synergy, "score_heads": cfg.ta.score_heads, "dropout": cfg.ta.dropout}}, tmp)
         os.replace(tmp, out_dir / "ta.pt")

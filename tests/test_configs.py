@@ -82,9 +82,9 @@ def test_paper_config_is_the_paper_setting() -> None:
     assert c["generate"].perspectives is None and c["generate"].perspectives_file is None  # the 8 built-in
     assert c["filter"].max_questions == 497 and c["distill"].max_paths == 8
     assert c["filter"].easy_keep_fraction < 1.0  # easy questions are down-sampled, hard ones kept
-    # The paper's ablation table: each ablation is trained, evaluated and in the report's order.
-    assert c["distill"].ablations == ["mind-no-synergy", "mind-ema0", "mind-beta0"]
-    assert all(a in c["report"].order for a in c["distill"].ablations)
+    # The paper's ablation table: each ablation is trained, evaluated and in the report's order, on 3 seeds.
+    assert c["distill"].methods == ["single", "uniform", "mcc", "mind", "mind-no-synergy", "mind-ema0", "mind-beta0"]
+    assert all(a in c["report"].order for a in c["distill"].methods) and len(c["distill"].seeds) == 3
     # ID and OOD eval on the six benchmarks, every question (no limits).
     groups = {d.name: d.group for d in c["evaluate"].datasets}
     assert groups == {"gsm8k": "id", "svamp": "id", "math500": "id",
@@ -166,8 +166,8 @@ def _inertia_fits(params: dict[str, Any], source: str) -> None:
     from pipeline.fdic import half_life_steps
 
     d = validate(params, source)["distill"]
-    assert half_life_steps(d.ema_mu) <= d.max_steps / 4, (
-        f"{source}: ema_mu {d.ema_mu} remembers a loss for {half_life_steps(d.ema_mu):.1f} steps (half-life) "
+    assert half_life_steps(d.ta.mu) <= d.max_steps / 4, (
+        f"{source}: ta.mu {d.ta.mu} remembers a loss for {half_life_steps(d.ta.mu):.1f} steps (half-life) "
         f"of a {d.max_steps}-step run: L̄ would lag the student")
 
 
@@ -177,7 +177,15 @@ def test_inertia_memory_fits_the_run() -> None:
     _inertia_fits(params, "params.yaml")
     _inertia_fits(deep_merge(params, load_yaml(ROOT / "configs" / "paper.yaml")), "configs/paper.yaml")
     with pytest.raises(AssertionError, match="lag the student"):
-        _inertia_fits(deep_merge(params, {"distill": {"ema_mu": 0.95}}), "bad")
+        _inertia_fits(deep_merge(params, {"distill": {"ta": {"mu": 0.95}}}), "bad")
+
+
+def test_the_ta_defaults_are_the_params_yaml_values() -> None:
+    """One set of TA settings: what params.yaml says is what a TaConfig() without arguments holds
+    (tests and scripts that build one get the default run's TA)."""
+    from pipeline.fdic import TaConfig
+
+    assert validate(load_yaml(ROOT / "params.yaml"), "params.yaml")["distill"].ta == TaConfig()
 
 
 def _dvc_stages(tmp: Path, params: dict[str, Any]) -> tuple[set[str], dict[str, set[str]]]:
@@ -196,21 +204,27 @@ def _dvc_stages(tmp: Path, params: dict[str, Any]) -> tuple[set[str], dict[str, 
     return names, upstream
 
 
-ABLATION_STAGES = ["distill-ablation@mind-no-synergy", "distill-ablation@mind-ema0", "distill-ablation@mind-beta0",
-                   "evaluate-ablation@mind-no-synergy", "evaluate-ablation@mind-ema0", "evaluate-ablation@mind-beta0"]
-
-
-def test_dvc_runs_the_ablations_only_when_params_list_them(tmp_path: Path) -> None:
+def test_dvc_runs_each_method_once_per_seed_and_the_injected_arm_only_when_params_ask(tmp_path: Path) -> None:
     params = load_yaml(ROOT / "params.yaml")
     (tmp_path / "default").mkdir()
-    names, _ = _dvc_stages(tmp_path / "default", params)
-    assert "distill@mind" in names and not any(n in names for n in ABLATION_STAGES)  # off in the CPU default
+    names, upstream = _dvc_stages(tmp_path / "default", params)
+    default = [f"{m}-0" for m in ("single", "uniform", "mcc", "mind")]
+    assert {f"distill@{s}" for s in default} | {f"evaluate@{s}" for s in default} <= names
+    assert not any(n.startswith(("distill-injected@", "evaluate-injected@")) for n in names)  # off by default
+    assert {f"evaluate@{s}" for s in default} | {"evaluate-base"} <= upstream["report"]
 
     paper = deep_merge(params, load_yaml(ROOT / "configs" / "paper.yaml"))
     (tmp_path / "paper").mkdir()
     names, upstream = _dvc_stages(tmp_path / "paper", paper)
-    assert set(ABLATION_STAGES) <= names
     for a in ("mind-no-synergy", "mind-ema0", "mind-beta0"):
-        assert upstream[f"evaluate-ablation@{a}"] >= {f"distill-ablation@{a}"}
-        assert f"evaluate-ablation@{a}" in upstream["report"]  # the report waits for every evaluated ablation
-    assert {f"evaluate@{m}" for m in ("base", "single", "uniform", "mcc", "mind")} <= upstream["report"]
+        for seed in (0, 1, 2):
+            assert upstream[f"evaluate@{a}-{seed}"] >= {f"distill@{a}-{seed}"}
+            assert f"evaluate@{a}-{seed}" in upstream["report"]  # the report waits for every evaluated run
+
+    study = deep_merge(params, load_yaml(ROOT / "configs" / "cpu-mechanism.yaml"))
+    (tmp_path / "study").mkdir()
+    names, upstream = _dvc_stages(tmp_path / "study", study)
+    runs = [f"{m}-{s}" for m in ("uniform", "mind", "mind-length") for s in (0, 1, 2)]
+    assert {n for n in names if n.startswith("distill")} == {f"distill@{r}" for r in runs} | \
+        {f"distill-injected@{r}" for r in runs}
+    assert {f"evaluate-injected@{r}" for r in runs} | {f"evaluate@{r}" for r in runs} <= upstream["report"]

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from distill_helpers import PERSPECTIVES, filtered_rows, make_filtered, make_tiny_model
 from pipeline import losses as L
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, deep_merge, to_dict
+from pipeline.fdic import TaConfig
 from pipeline.shards import FILTERED_SCHEMA, write_shards
 from pipeline.ta import TeachingAssistant
 from stages import distill as D
@@ -37,10 +38,13 @@ def filtered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_filtered(tmp_path_factory.mktemp("data") / "filtered", n_questions=6)
 
 
-def tiny_cfg(tmp: Path, filtered: Path, student: Path, encoder: Path, **kw: object) -> D.DistillConfig:
+def tiny_cfg(tmp: Path, filtered: Path, student: Path, encoder: Path, ta: dict[str, object] | None = None,
+             **kw: object) -> D.DistillConfig:
+    """A run on the tiny student; ``ta`` overrides TA settings over a 2-step warm-up and a TA step
+    every 2 micro-batches."""
     base = dict(filtered_dir=filtered, student=str(student), encoder=str(encoder), out_root=tmp / "students",
                 live_root=tmp / "live", embedding_cache=tmp / "cache", max_steps=6, questions_per_step=2,
-                ta_warmup_steps=2, ta_accum_steps=2, lr=3e-3)
+                ta=TaConfig(**{"warmup_steps": 2, "accum_steps": 2, **(ta or {})}), lr=3e-3)  # type: ignore[arg-type]
     base.update(kw)
     return D.DistillConfig(**base)  # type: ignore[arg-type]
 
@@ -149,6 +153,37 @@ def test_too_long_paths_are_dropped_and_counted(filtered: Path, tiny: Path) -> N
     assert all(len(p.input_ids) <= 70 for u in units for p in u.paths)
 
 
+def test_inject_gives_a_seeded_share_one_foreign_path_ending_in_its_own_answer(tmp_path: Path, tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    f = make_filtered(tmp_path / "f", n_questions=20, ks=[3, 4])
+    rows = {(r["question_id"], r["perspective"]): r for r in filtered_rows(20, [3, 4])}
+    clean, clean_rows, _ = D.load_units(D.DistillConfig(filtered_dir=f, max_paths=4, method="uniform"), tok)
+    units, path_rows, counts = D.load_units(D.DistillConfig(filtered_dir=f, max_paths=4, method="uniform", inject=0.5),
+                                            tok)
+    hit = [u for u in units if any(p.injected for p in u.paths)]
+    assert len(hit) == counts["paths_injected"] == 10
+    assert all(sum(p.injected for p in u.paths) == 1 for u in hit)
+    by_key = {r["key"]: r for r in path_rows}
+    for u, c in zip(units, clean):
+        assert [p.key for p in u.paths] == [p.key for p in c.paths]  # same slots, one of them replaced
+        for p in u.paths:
+            text = by_key[p.key]["text"]
+            own = rows[(u.question_id, p.perspective)]
+            if p.injected:
+                # another question's reasoning, then this question's own answer suffix
+                assert text.endswith(own["text"][own["answer_offset"]:]) and text != own["text"]
+                assert not text.startswith(own["text"][: own["answer_offset"]])
+            else:
+                assert text == own["text"]
+    # the same questions and rationales for every method and seed
+    again = D.load_units(D.DistillConfig(filtered_dir=f, max_paths=4, method="mind", inject=0.5, seed=3), tok)[1]
+    assert sorted(r["text"] for r in again) == sorted(r["text"] for r in path_rows)
+    assert D.DistillConfig(method="mind", inject=0.5, seed=2).name == "mind-inj-s2"
+    assert D.DistillConfig(method="mind-length", seed=1).name == "mind-length-s1"
+
+
 def test_too_few_questions_is_an_error_that_states_the_numbers(tmp_path: Path, tiny: Path, encoder_dir: Path,
                                                                   one_thread: object) -> None:
     f = make_filtered(tmp_path / "f", n_questions=3)
@@ -181,17 +216,18 @@ def test_ablations_are_mind_with_one_parameter_forced(tmp_path: Path, filtered: 
     base = tiny_cfg(tmp_path, filtered, tiny, encoder_dir)
     for name, forced in D.ABLATIONS.items():
         cfg = D.resolve_ablation(D.DistillConfig(**{**base.__dict__, "method": name}))
-        assert cfg.method == "mind" and cfg.name == name
-        assert {k: getattr(cfg, k) for k in forced} == forced
-        assert {k: v for k, v in cfg.__dict__.items() if k not in forced and k not in ("method", "run_name")} == \
-            {k: v for k, v in base.__dict__.items() if k not in forced and k not in ("method", "run_name")}
+        assert cfg.method == "mind" and cfg.name == f"{name}-s0"
+        # the base config with the forced keys (nested ones too) and nothing else changed
+        assert to_dict(cfg) == deep_merge(to_dict(base), {**forced, "method": "mind", "run_name": f"{name}-s0"})
     assert D.resolve_ablation(D.DistillConfig(method="mind-ema0", run_name="x")).name == "x"
-    with pytest.raises(ConfigError, match="repeats"):
-        D.DistillConfig(ablations=["mind-ema0", "mind-ema0"])
+    with pytest.raises(ConfigError, match="each once"):
+        D.DistillConfig(methods=["mind-ema0", "mind-ema0"])
+    with pytest.raises(ConfigError, match="needs distill.inject > 0"):
+        D.DistillConfig(inject_methods=["mind"])
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind-ema0", max_steps=2))
-    out = tmp_path / "students" / "mind-ema0"
+    out = tmp_path / "students" / "mind-ema0-s0"
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == "mind" and config["run_name"] == "mind-ema0" and config["ema_mu"] == 0.0
+    assert config["method"] == "mind" and config["run_name"] == "mind-ema0-s0" and config["ta"]["mu"] == 0.0
     assert (out / "ta.pt").exists() and (out / "merged").is_dir()
 
 
@@ -200,11 +236,20 @@ def test_length_baseline_weights_shorter_paths_higher(tmp_path: Path, filtered: 
     """mind-length: mind's selection and weights with s = -ln tokens and no TA. Within a question
     α falls with the path's length, and the run reports the same weighting figures as mind."""
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind-length", max_steps=3, beta=0.0))
-    out = tmp_path / "students" / "mind-length"
+    out = tmp_path / "students" / "mind-length-s0"
     m = json.loads((out / "metrics.json").read_text())
     assert not (out / "ta.pt").exists() and "ta_fit" in m and m["ta_fit"] is None
     assert m["alpha_length_corr"] < -0.5
     assert m["alpha_entropy_share"] < 1.0 and m["selected_share"] == 1.0  # beta 0 keeps every path
+
+
+def test_a_mind_run_on_injected_data_reports_the_weight_of_the_foreign_paths(
+        tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path, one_thread: object) -> None:
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", inject=0.5, max_steps=3))
+    m = json.loads((tmp_path / "students" / "mind-inj-s0" / "metrics.json").read_text())
+    assert m["data_counts"]["paths_injected"] == 3 and len(m["injected_alpha_by_question"]) == 3
+    assert all(0.0 <= v <= 4.0 for v in m["injected_alpha_by_question"].values())
+    assert 0.0 <= m["injected_alpha_share"] <= 4.0 and 0.0 <= m["injected_deselected_share"] <= 1.0
 
 
 def test_length_scores_and_weighting_figures_on_literal_tensors() -> None:
@@ -232,7 +277,7 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(method: str, tmp_pat
     from transformers import AutoModelForCausalLM
 
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method=method))
-    out = tmp_path / "students" / method
+    out = tmp_path / "students" / f"{method}-s0"
     m = json.loads((out / "metrics.json").read_text())
     h = m["history"]
     assert m["steps"] == len(h) == 6 and m["method"] == method
@@ -245,7 +290,7 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(method: str, tmp_pat
     assert json.loads((out / "config.json").read_text())["method"] == method
     model = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert model.config.model_type == "llama" and (out / "merged" / "chat_template.jinja").exists()
-    curves = tmp_path / "live" / method / "plots" / "metrics" / "train"
+    curves = tmp_path / "live" / f"{method}-s0" / "plots" / "metrics" / "train"
     assert (curves / "loss.tsv").exists() and (curves / "ce.tsv").exists()
     assert len((curves / "loss.tsv").read_text().splitlines()) == 7  # header + 6 steps
     if method == "single":
@@ -279,15 +324,15 @@ def test_mind_differs_from_uniform_only_through_alpha(tmp_path: Path, filtered: 
     too, and the student's training must then be identical to uniform's, with LoRA dropout and TA
     dropout on: the TA draws from its own generators, so the student's dropout masks are the same
     as uniform's. A sharp τ_student changes only α, and the losses then differ."""
-    common = dict(beta=0.0, consistency_weight=0.0, lora_dropout=0.2, ta_dropout=0.2)
+    common = dict(beta=0.0, consistency_weight=0.0, lora_dropout=0.2, ta={"dropout": 0.2})
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", **common))
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", tau_student=1e9, run_name="flat", **common))
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", tau_student=0.001, run_name="sharp",
                    **common))
-    u, flat, sharp = (history(tmp_path / "students" / n) for n in ("uniform", "flat", "sharp"))
+    u, flat, sharp = (history(tmp_path / "students" / n) for n in ("uniform-s0", "flat", "sharp"))
     assert [r["loss"] for r in flat] == pytest.approx([r["loss"] for r in u], rel=1e-6)
     assert [r["ce_mean"] for r in flat] == pytest.approx([r["ce_mean"] for r in u], rel=1e-6)
-    trained = [load_file(tmp_path / "students" / n / "adapter" / "adapter_model.safetensors") for n in ("uniform", "flat")]
+    trained = [load_file(tmp_path / "students" / n / "adapter" / "adapter_model.safetensors") for n in ("uniform-s0", "flat")]
     assert trained[0].keys() == trained[1].keys()
     assert all(torch.allclose(trained[0][k].float(), trained[1][k].float(), atol=1e-6) for k in trained[0])
     assert all(r["mean_selected"] == pytest.approx(q["mean_selected"]) for r, q in zip(flat, u))
@@ -297,9 +342,9 @@ def test_mind_differs_from_uniform_only_through_alpha(tmp_path: Path, filtered: 
 
 def test_fdic_phases_in_a_run(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path,
                               monkeypatch: pytest.MonkeyPatch, one_thread: object) -> None:
-    """The order of events in a mind run: ta_warmup_steps TA steps at ta_lr while the student is
-    frozen (no update, no gradient left behind), then a TA step at ta_joint_lr after every
-    ta_accum_steps student micro-batches, at the clock of the student step."""
+    """The order of events in a mind run: ta.warmup_steps TA steps at ta.lr while the student is
+    frozen (no update, no gradient left behind), then a TA step at ta.joint_lr after every
+    ta.accum_steps student micro-batches, at the clock of the student step."""
     from pipeline.fdic import Fdic
 
     events: list[tuple[str, float]] = []
@@ -328,8 +373,8 @@ def test_fdic_phases_in_a_run(tmp_path: Path, filtered: Path, tiny: Path, encode
     monkeypatch.setattr(D, "load_student", load_student)
     monkeypatch.setattr(Fdic, "fit", fit)
     monkeypatch.setattr(D, "micro_losses", micro_losses)
-    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", max_steps=5, grad_accum=2, ta_warmup_steps=3,
-                   ta_accum_steps=3, ta_lr=1e-3, ta_joint_lr=2e-5))
+    D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", max_steps=5, grad_accum=2,
+                   ta={"warmup_steps": 3, "accum_steps": 3, "lr": 1e-3, "joint_lr": 2e-5}))
     s = [("student", float(t)) for t in range(5) for _ in range(2)]  # 5 steps x 2 micro-batches
     joint = s[:3] + [("ta", 2e-5)] + s[3:6] + [("ta", 2e-5)] + s[6:9] + [("ta", 2e-5)] + s[9:]
     assert events == [("ta", 1e-3)] * 3 + joint
@@ -340,7 +385,7 @@ def test_full_fine_tuning_writes_a_merged_model_only(tmp_path: Path, filtered: P
     from transformers import AutoModelForCausalLM
 
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", finetune="full", max_steps=3, lr=1e-3))
-    out = tmp_path / "students" / "uniform"
+    out = tmp_path / "students" / "uniform-s0"
     assert not (out / "adapter").exists() and (out / "metrics.json").exists()
     tuned = AutoModelForCausalLM.from_pretrained(out / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny)
@@ -362,29 +407,29 @@ def _params_file(path: Path, cfg: D.DistillConfig) -> Path:
 def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path: Path, filtered: Path, tiny: Path,
                                                               encoder_dir: Path, one_thread: object) -> None:
     cfg = tiny_cfg(tmp_path / "killed", filtered, tiny, encoder_dir, method="mind", max_steps=20, max_epochs=20.0,
-                   questions_per_step=1, checkpoint_every=3, ta_accum_steps=4)
+                   questions_per_step=1, checkpoint_every=3, ta={"accum_steps": 4})
     params = _params_file(tmp_path / "params.yaml", cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stages.app", "distill", "--params", str(params)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpts = tmp_path / "killed" / "students" / "mind" / "checkpoints"
+    ckpts = tmp_path / "killed" / "students" / "mind-s0" / "checkpoints"
     deadline = time.time() + 240
     while not D.checkpoint_dirs(ckpts) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.kill()
     _, err = proc.communicate()
     assert D.checkpoint_dirs(ckpts), f"no checkpoint before the kill: {err[-2000:]}"
-    assert not (tmp_path / "killed" / "students" / "mind" / "metrics.json").exists()
+    assert not (tmp_path / "killed" / "students" / "mind-s0" / "metrics.json").exists()
 
     result = D.run(cfg)  # same config: resumes
     start = result["resumed_from_step"]
     assert start is not None and 3 <= start < 20 and start % 3 == 0 and result["steps"] == 20
-    resumed = history(tmp_path / "killed" / "students" / "mind")
+    resumed = history(tmp_path / "killed" / "students" / "mind-s0")
     assert not ckpts.exists()  # removed after a successful run
 
     D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, method="mind", max_steps=20, max_epochs=20.0,
-                   questions_per_step=1, ta_accum_steps=4))
-    straight = history(tmp_path / "straight" / "students" / "mind")
+                   questions_per_step=1, ta={"accum_steps": 4}))
+    straight = history(tmp_path / "straight" / "students" / "mind-s0")
     # Same data order, RNG, TA and L̄ state after the resume: the same losses as an uninterrupted run.
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[start:]], rel=1e-4)
     assert [r["meta_loss"] for r in resumed] == pytest.approx([r["meta_loss"] for r in straight[start:]], rel=1e-3)
@@ -409,14 +454,14 @@ def _crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at_step: int) -> No
 def test_resume_with_a_checkpoint_inside_a_ta_window_matches_a_straight_run(
         tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path, monkeypatch: pytest.MonkeyPatch,
         one_thread: object) -> None:
-    """checkpoint_every 3, ta_accum_steps 4: the checkpoint at step 3 falls inside the TA's
+    """checkpoint_every 3, ta.accum_steps 4: the checkpoint at step 3 falls inside the TA's
     window of 4 micro-batches. The resumed run must step the TA at micro-batch 4 on the same
-    inertia table, as the uninterrupted run does. A large ta_joint_lr and LoRA dropout make any
+    inertia table, as the uninterrupted run does. A large ta.joint_lr and LoRA dropout make any
     difference in the TA's steps or the RNG show."""
     kw = dict(method="mind", max_steps=9, max_epochs=20.0, questions_per_step=1, checkpoint_every=3,
-              ta_accum_steps=4, ta_joint_lr=0.05, lora_dropout=0.1, tau_student=0.2)
+              ta={"accum_steps": 4, "joint_lr": 0.05}, lora_dropout=0.1, tau_student=0.2)
     D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, **kw))
-    straight = history(tmp_path / "straight" / "students" / "mind")
+    straight = history(tmp_path / "straight" / "students" / "mind-s0")
     cfg = tiny_cfg(tmp_path / "resumed", filtered, tiny, encoder_dir, **kw)
     with monkeypatch.context() as m:
         _crash_after_checkpoint(m, 3)
@@ -424,7 +469,7 @@ def test_resume_with_a_checkpoint_inside_a_ta_window_matches_a_straight_run(
             D.run(cfg)
     result = D.run(cfg)
     assert result["resumed_from_step"] == 3
-    resumed = history(tmp_path / "resumed" / "students" / "mind")
+    resumed = history(tmp_path / "resumed" / "students" / "mind-s0")
     assert len(resumed) == 6
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[3:]], rel=1e-4, abs=1e-4)
     assert [r["meta_loss"] for r in resumed] == pytest.approx([r["meta_loss"] for r in straight[3:]], rel=1e-4,
@@ -439,11 +484,11 @@ def test_a_checkpoint_that_fails_verification_falls_back_to_the_previous_one(
     starts from scratch. Either way the losses are an uninterrupted run's."""
     import logging
 
-    kw = dict(method="mind", max_steps=6, checkpoint_every=2, ta_accum_steps=3, lora_dropout=0.1)
+    kw = dict(method="mind", max_steps=6, checkpoint_every=2, ta={"accum_steps": 3}, lora_dropout=0.1)
     D.run(tiny_cfg(tmp_path / "straight", filtered, tiny, encoder_dir, **kw))
-    straight = [r["loss"] for r in history(tmp_path / "straight" / "students" / "mind")]
+    straight = [r["loss"] for r in history(tmp_path / "straight" / "students" / "mind-s0")]
     cfg = tiny_cfg(tmp_path / "run", filtered, tiny, encoder_dir, **kw)
-    ckpts = tmp_path / "run" / "students" / "mind" / "checkpoints"
+    ckpts = tmp_path / "run" / "students" / "mind-s0" / "checkpoints"
 
     def crash_and_corrupt(which: list[str]) -> None:
         with monkeypatch.context() as m:
@@ -464,7 +509,7 @@ def test_a_checkpoint_that_fails_verification_falls_back_to_the_previous_one(
         result = D.run(cfg)
     assert result["resumed_from_step"] == 2
     assert "step-000004 fails verification (model.safetensors does not match its sha256); discarded" in caplog.text
-    assert [r["loss"] for r in history(tmp_path / "run" / "students" / "mind")] == \
+    assert [r["loss"] for r in history(tmp_path / "run" / "students" / "mind-s0")] == \
         pytest.approx(straight[2:], rel=1e-4, abs=1e-4)
 
     crash_and_corrupt(["step-000002", "step-000004"])
@@ -473,7 +518,7 @@ def test_a_checkpoint_that_fails_verification_falls_back_to_the_previous_one(
         result = D.run(cfg)
     assert result["resumed_from_step"] is None
     assert caplog.text.count("fails verification") == 2 and "no checkpoint verifies; starting from scratch" in caplog.text
-    assert [r["loss"] for r in history(tmp_path / "run" / "students" / "mind")] == \
+    assert [r["loss"] for r in history(tmp_path / "run" / "students" / "mind-s0")] == \
         pytest.approx(straight, rel=1e-4, abs=1e-4)
 
 
@@ -492,7 +537,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path: Path, f
     cfg = tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="uniform", checkpoint_every=2)
     with pytest.raises(D.NonFiniteLoss, match=r"non-finite loss = nan at step 3.*step-000002"):
         D.run(cfg)
-    out = tmp_path / "students" / "uniform"
+    out = tmp_path / "students" / "uniform-s0"
     assert not (out / "metrics.json").exists()
     (ckpt,) = D.checkpoint_dirs(out / "checkpoints")
     assert ckpt.name == "step-000002"
@@ -510,7 +555,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path: Path, f
 def test_two_process_accelerate_launch_on_cpu(tmp_path: Path, filtered: Path, tiny: Path, encoder_dir: Path) -> None:
     """DDP over gloo: `accelerate launch` with 2 CPU processes runs the unchanged stage."""
     cfg = tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind", max_steps=3, questions_per_step=1,
-                   ta_warmup_steps=1)
+                   ta={"warmup_steps": 1})
     params = _params_file(tmp_path / "params.yaml", cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
@@ -518,7 +563,7 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path: Path, filtered: Path, ti
            "-m", "stages.app", "distill", "--params", str(params), "--force-cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "students" / "mind"
+    out = tmp_path / "students" / "mind-s0"
     m = json.loads((out / "metrics.json").read_text())
     assert m["processes"] == 2 and m["steps"] == 3
     # Each process holds one question of 2-4 paths, so their perspectives differ within a step: the
@@ -540,9 +585,9 @@ def test_real_embedded_student_trains_and_its_merged_model_generates(tmp_path: P
     f = make_filtered(tmp_path / "f", n_questions=2, ks=[2])
     cfg = D.DistillConfig(method="mind", filtered_dir=f, student=str(embedded_model_dir), encoder=str(encoder_dir),
                           out_root=tmp_path / "students", live_root=tmp_path / "live", embedding_cache=None,
-                          max_steps=2, questions_per_step=1, ta_warmup_steps=1, max_seq_len=256)
+                          max_steps=2, questions_per_step=1, ta=TaConfig(warmup_steps=1), max_seq_len=256)
     D.run(cfg)
-    out = tmp_path / "students" / "mind"
+    out = tmp_path / "students" / "mind-s0"
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in m["history"])
     tok = AutoTokenizer.from_pretrained(out / "merged")

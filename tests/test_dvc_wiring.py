@@ -33,12 +33,15 @@ from stages.app import CONFIGS, app, validate_params
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 ENTRY = "stages.app"  # `mind`: every stage's command runs through it
-METHODS: list[str] = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["distill"]["foreach"]
+# the default's students, as dvc.yaml names their stages: <method>-<seed>
+STUDENTS: list[str] = [f"{m}-{s}" for m in yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["methods"]
+                       for s in yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["seeds"]]
 
 # Path params dvc.yaml does not track, and why. Each entry is a gap, not a design.
 UNTRACKED: dict[str, str] = {
     "distill.embedding_cache": "the TA's embedding cache: one folder for every distill entry (DVC refuses one out "
-                               "in several stages), its file keyed by the encoder's path, not its content",
+                               "in several stages); its files are keyed by the encoder's content (a Hub id by "
+                               "name) and each text, so it saves work but never changes a result",
 }
 
 
@@ -125,10 +128,12 @@ def code_deps(section: str) -> set[str]:
 
 
 def foreach_params() -> set[str]:
-    """Params a `foreach: ${...}` names: they choose which stages exist, not what one computes."""
+    """Params a `foreach: ${...}` or a `matrix:` axis names: they choose which stages exist, not what one
+    computes."""
     raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return {m.group(1) for d in raw.values() if isinstance(d.get("foreach"), str)
-            for m in [re.fullmatch(r"\$\{\s*([\w.-]+)\s*\}", d["foreach"])] if m}
+    selectors = [d["foreach"] for d in raw.values() if isinstance(d.get("foreach"), str)]
+    selectors += [v for d in raw.values() for v in d.get("matrix", {}).values() if isinstance(v, str)]
+    return {m.group(1) for v in selectors for m in [re.fullmatch(r"\$\{\s*([\w.-]+)\s*\}", v)] if m}
 
 
 def project_roots(params: dict[str, Any]) -> set[str]:
@@ -285,7 +290,7 @@ def test_the_paper_override_wires_its_own_models(tmp_path: Path) -> None:
     default_student = _norm(load_params()["distill"]["student"])
     assert student != default_student  # the override changes the student: what this test is about
     distills = [s for s in stages.values() if s.section == "distill"]
-    assert len(distills) == len(METHODS) + len(params["distill"]["ablations"])
+    assert len(distills) == len(params["distill"]["methods"]) * len(params["distill"]["seeds"])
     for stage in distills:
         assert {student, _norm(params["distill"]["encoder"])} <= set(stage.deps), stage.name
         assert default_student not in stage.deps, stage.name
@@ -312,7 +317,7 @@ def test_every_stage_names_the_same_student(config: str, tmp_path: Path) -> None
 def test_the_path_check_reports_a_model_folder_that_is_no_dep(default_stages: dict[str, Wiring]) -> None:
     student = _norm(load_params()["distill"]["student"])
     broken = {n: dataclasses.replace(s, deps=tuple(d for d in s.deps if d != student)) for n, s in default_stages.items()}
-    assert f"distill@mind: distill.student = {student}" in untracked_paths(broken, load_params())
+    assert f"distill@mind-0: distill.student = {student}" in untracked_paths(broken, load_params())
 
 
 # ---- dvc status after a change, on a project whose data are placeholders
@@ -386,7 +391,7 @@ def test_changing_the_student_reruns_exactly_the_stages_that_read_it(committed_p
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     assert _status_after(committed_project, tmp_path, new_student) == {
-        "filter", *(f"distill@{m}" for m in METHODS), *(f"evaluate@{m}" for m in ["base", *METHODS]), "analyze"}
+        "filter", *(f"distill@{m}" for m in STUDENTS), "evaluate-base", *(f"evaluate@{m}" for m in STUDENTS), "analyze"}
 
 
 def test_changing_a_benchmark_file_reruns_prepare_alone(committed_project: Path, tmp_path: Path) -> None:
@@ -405,8 +410,9 @@ def test_the_paper_override_reruns_every_stage_whose_params_it_sets(committed_pr
                                           str(repo / "params.yaml")])
         assert result.exit_code == 0, result.output
 
-    ablations = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())["distill"]["ablations"]
+    # every stage but report: the paper's students that the default lacks have no lock entry yet
+    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())["distill"]
+    runs = [f"{m}-{s}" for m in paper["methods"] for s in paper["seeds"]]
     assert _status_after(committed_project, tmp_path, apply_paper) == {
-        "models", "prepare", "generate", "filter", *(f"distill@{m}" for m in METHODS),
-        *(f"distill-ablation@{a}" for a in ablations), *(f"evaluate@{m}" for m in ["base", *METHODS]),
-        *(f"evaluate-ablation@{a}" for a in ablations), "analyze"}
+        "models", "prepare", "generate", "filter", *(f"distill@{r}" for r in runs), "evaluate-base",
+        *(f"evaluate@{r}" for r in runs), "analyze"}

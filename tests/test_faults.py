@@ -357,7 +357,7 @@ def test_empty_student_folder_says_run_distill(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, proc.stderr
     assert (f"evaluate: student mind: no merged model or adapter in {tmp_path / 'students' / 'mind'} "
-            "(run `mind distill --method mind`)") in errors[0]
+            "(`mind distill --method <method> --seed <seed>` writes <students_dir>/<method>-s<seed>)") in errors[0]
     assert not (tmp_path / "eval").exists() and not (tmp_path / "m").exists()
 
 
@@ -684,8 +684,8 @@ def test_messages_name_physical_lines_read_bom_files_and_stay_short(tmp_path: Pa
 def test_distill_settings_are_checked_before_any_division_and_answer_type_is_required(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``distill.ta_heads: 0`` is one line from every stage (it was a ZeroDivisionError in the
-    check, before any stage ran); a filtered set whose rows lack a known ``answer_type`` is an
+    """``distill.ta.heads: 0`` is one line from every stage (it was a ZeroDivisionError in the
+    check, before any stage ran), and so is a misspelt key in the nested ``distill.ta``; a filtered set whose rows lack a known ``answer_type`` is an
     error naming file, row and field, not a silent fall-back to the number instruction."""
     from transformers import AutoTokenizer
 
@@ -694,9 +694,12 @@ def test_distill_settings_are_checked_before_any_division_and_answer_type_is_req
     from stages.filter import FILTERED_SCHEMA
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"distill": {"ta_heads": 0}}))
+    params.write_text(yaml.safe_dump({"distill": {"ta": {"heads": 0}}}))
     line = cli_error(caplog, "prepare", "--params", str(params))
-    assert "distill.ta_heads must be >= 1" in line
+    assert "distill.ta.heads 0 must be >= 1" in line
+    params.write_text(yaml.safe_dump({"distill": {"ta": {"heds": 4}}}))
+    assert "distill.ta: unknown parameter(s) ['heds']; did you mean 'heads'" in cli_error(
+        caplog, "prepare", "--params", str(params))
 
     rows = filtered_rows(2)
     rows[1]["answer_type"] = None

@@ -8,26 +8,27 @@ import pytest
 import torch
 
 from pipeline import losses as L
-from pipeline.fdic import Fdic, FdicConfig, build_fdic, half_life_steps, inertia_update, update_ema
+from pipeline.config import ConfigError
+from pipeline.fdic import Fdic, TaConfig, build_fdic, half_life_steps, inertia_update, update_ema
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cfg(**kw: object) -> FdicConfig:
-    base = dict(hidden_dim=16, num_heads=4, synergy=True, score_heads=1, dropout=0.2, lr=1e-2, joint_lr=1e-3,
-                accum_steps=4, updates=3, mu=0.5, tau=0.5, seed=0)
+def _cfg(**kw: object) -> TaConfig:
+    base = dict(hidden=16, heads=4, synergy=True, score_heads=1, dropout=0.2, lr=1e-2, joint_lr=1e-3,
+                accum_steps=4, updates=3, mu=0.5, tau=0.5)
     base.update(kw)
-    return FdicConfig(**base)  # type: ignore[arg-type]
+    return TaConfig(**base)  # type: ignore[arg-type]
 
 
 # Four questions of three paths each: path ids 0..11.
 QUESTIONS = torch.arange(12).view(4, 3)
 
 
-def _fdic(**kw: object) -> Fdic:
+def _fdic(seed: int = 0, **kw: object) -> Fdic:
     emb = torch.randn(12, 11, generator=torch.Generator().manual_seed(5))
-    return build_fdic(emb, QUESTIONS, _cfg(**kw), torch.device("cpu"))
+    return build_fdic(emb, QUESTIONS, _cfg(**kw), seed, torch.device("cpu"))
 
 
 def _table(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,7 @@ def test_a_ta_step_fits_every_question_with_two_smoothed_losses() -> None:
     assert fdic.table()[0].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
-def test_warmup_steps_at_ta_lr_and_joint_steps_at_joint_lr_every_accum_steps() -> None:
+def test_warmup_steps_at_lr_and_joint_steps_at_joint_lr_every_accum_steps() -> None:
     fdic = _fdic(accum_steps=4)
     _observe(fdic, [0, 1], 0, seed=0)
     before = _params(fdic)
@@ -208,3 +209,14 @@ def test_building_the_ta_does_not_reseed_the_accelerator_rng(monkeypatch: pytest
     monkeypatch.setattr(torch.cuda, "manual_seed_all", no_cuda_seed)
     monkeypatch.setattr(torch.cuda, "manual_seed", no_cuda_seed)
     _fdic()
+
+
+# ---------------------------------------------------------------- the settings
+
+
+@pytest.mark.parametrize("key, value", [("hidden", 0), ("heads", 0), ("heads", 3), ("score_heads", 0),
+                                        ("dropout", 1.0), ("lr", 0.0), ("warmup_steps", -1), ("joint_lr", -1e-4),
+                                        ("accum_steps", 0), ("updates", 0), ("mu", 1.0), ("mu", -0.1), ("tau", 0.0)])
+def test_a_bad_ta_setting_is_an_error_naming_its_key(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"^distill\.ta\.{key} {value} must "):
+        TaConfig(**{key: value})  # type: ignore[arg-type]

@@ -21,7 +21,19 @@ from pipeline.metrics import (
     wilson_interval,
 )
 from pipeline.shards import atomic_write_json, read_rows, write_shards
-from stages.report import ReportConfig, run, summary_markdown
+from stages.report import (
+    NothingToPair,
+    ReportConfig,
+    group_bar,
+    group_runs,
+    paired_seeds,
+    pooled_mean_ci,
+    pooled_paired_delta,
+    run,
+    run_order,
+    split_seed,
+    summary_markdown,
+)
 
 
 # ---------------------------------------------------------------- Wilson
@@ -300,7 +312,7 @@ def test_report_pairs_every_model_with_base_and_uniform(tmp_path: Path) -> None:
     assert set(paired) == {"single", "uniform", "mind"}  # base vs uniform would only mirror uniform vs base
     assert set(paired["mind"]) == {"vs_base", "vs_uniform"} and set(paired["uniform"]) == {"vs_base"}
     d = paired["mind"]["vs_base"]["embedded"]  # mind 6/10 vs base 2/10, same ids: 4 discordant, all mind's
-    assert (d["n"], d["b"], d["c"]) == (10, 4, 0)
+    assert (d["n_questions"], d["b"], d["c"], d["seeds"], d["n_seeds"]) == (10, 4, 0, [None], 1)
     assert d["delta"] == pytest.approx(0.4) and d["mcnemar_p"] == pytest.approx(2 / 16)
     assert d["ci_low"] > 0
     assert set(paired["mind"]["vs_uniform"]) == {"embedded"}  # uniform was scored on embedded only
@@ -308,7 +320,8 @@ def test_report_pairs_every_model_with_base_and_uniform(tmp_path: Path) -> None:
     assert (u["b"], u["c"]) == (3, 1)
     md = cfg.summary.read_text()
     assert "## Paired comparisons" in md
-    assert "| `mind` | `base` | embedded | 10 | 60.0 | 20.0 | +40.0 [" in md
+    assert "| `mind` | `base` | embedded | – | 10 | 60.0 | 20.0 | +40.0 [" in md
+    assert "## Pooled over training seeds" not in md  # no run has a seed: the per-run table says it all
     # a model whose predictions are gone cannot be paired: the error names the folder and the fix
     import shutil
 
@@ -336,7 +349,7 @@ def test_ablations_get_their_table_and_are_paired_with_mind(tmp_path: Path) -> N
     md = cfg.summary.read_text()
     assert "## Ablations (against `mind`)" in md
     # ID avg: mind (60 + 20) / 2 = 40, mind-beta0 (50 + 30) / 2 = 40 -> +0.0; OOD 40 vs 40
-    assert "| `mind-beta0` | no threshold (β = 0) | 40.0 | +0.0 | 40.0 | +0.0 |" in md
+    assert "| `mind-beta0` | – | no threshold (β = 0) | 40.0 | +0.0 | 40.0 | +0.0 |" in md
     paired = json.loads(cfg.paired_metrics.read_text())
     assert set(paired["mind-beta0"]) == {"vs_base", "vs_mind"}
     assert paired["mind-beta0"]["vs_mind"]["embedded"]["delta"] == pytest.approx(-0.1)
@@ -359,9 +372,249 @@ def test_what_the_ta_did_reports_each_weighted_students_figures(tmp_path: Path) 
     md = cfg.summary.read_text()
     start = md.index("## What the TA did")
     section = md[start: md.index("\n## ", start + 1) if "\n## " in md[start + 1:] else len(md)]
-    assert "| `mind` | 0.90 | 0.80 | 0.50 | 0.61 | 0.88 | -0.42 |" in section
+    assert "| `mind` | – | 0.90 | 0.80 | 0.50 | 0.61 | 0.88 | -0.42 |" in section
     assert "| `mind` | 1.25 | 0.75 |" in section and "`single`" not in section
+    assert "Injected paths" not in section  # no run reports them
     run(ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "s2.md", plot=tmp_path / "p2.png",
                      eval_dir=tmp_path / "eval", paired_metrics=tmp_path / "paired2.json",
                      students_dir=tmp_path / "none", bootstrap_resamples=200))
     assert "What the TA did" not in (tmp_path / "s2.md").read_text()
+
+
+# ---------------------------------------------------------------- training seeds
+
+
+def test_a_runs_group_is_its_name_less_the_seed() -> None:
+    assert split_seed("mind-s0") == ("mind", 0)
+    assert split_seed("mind-inj-s2") == ("mind-inj", 2)
+    assert split_seed("mind-length-s12") == ("mind-length", 12)
+    assert split_seed("base") == ("base", None)
+    assert split_seed("mind-no-synergy") == ("mind-no-synergy", None)  # -s… inside a name is no seed
+    assert split_seed("mind-s01") == ("mind-s01", None)  # not the canonical spelling: would clash with mind-s1
+    assert split_seed("-s3") == ("-s3", None)
+    order = ["base", "uniform", "mind", "mind-inj"]
+    names = ["zeta", "mind-inj-s0", "mind-s10", "uniform-s1", "mind-s2", "base", "alpha-s1", "uniform-s0"]
+    assert sorted(names, key=lambda m: run_order(m, order)) == [
+        "base", "uniform-s0", "uniform-s1", "mind-s2", "mind-s10", "mind-inj-s0", "alpha-s1", "zeta"]
+    groups, notes = group_runs(["base", "mind", "mind-s1", "mind-s0"])
+    assert groups == {"base": {None: "base"}, "mind": {0: "mind-s0", 1: "mind-s1"}}
+    assert len(notes) == 1 and "`mind` has no seed and is left out of group `mind`" in notes[0]
+
+
+def test_paired_seeds_share_or_broadcast() -> None:
+    assert paired_seeds([0, 1, 2], [2, 1, 5]) == [(1, 1), (2, 2)]
+    assert paired_seeds([1, 0], [None]) == [(0, None), (1, None)]
+    assert paired_seeds([None], [3]) == [(None, 3)]
+    assert paired_seeds([None], [None]) == [(None, None)]
+    assert paired_seeds([0], [1]) == []
+    with pytest.raises(ValueError, match="one run without a seed or runs with seeds"):
+        paired_seeds([None, 0], [0])
+
+
+def flags_by_id(flags: list[bool], prefix: str = "q") -> dict[str, bool]:
+    return {f"{prefix}{i:02d}": f for i, f in enumerate(flags)}
+
+
+def test_one_seed_is_the_question_paired_bootstrap() -> None:
+    """(a) With one seed the pooled statistic is the existing question-only paired bootstrap:
+    same Δ, the very same CI, the same discordant counts and McNemar p."""
+    a = flags_by_id([True] * 25 + [False] * 10 + [True] * 5)
+    b = flags_by_id([True] * 12 + [False] * 13 + [True] * 10 + [False] * 5)
+    ref = paired_comparison(a, b, seed=3, resamples=2000)
+    for seeds in ({0: a}, {None: a}):
+        d = pooled_paired_delta(seeds, {s: b for s in seeds}, seed=3, resamples=2000)
+        assert d["delta"] == pytest.approx(ref["delta"], abs=1e-12)
+        assert (d["ci_low"], d["ci_high"]) == (ref["ci_low"], ref["ci_high"])
+        ids = sorted(a)
+        assert (d["ci_low"], d["ci_high"]) == paired_bootstrap_ci([a[i] for i in ids], [b[i] for i in ids], 3, 2000)
+        assert (d["b"], d["c"], d["mcnemar_p"]) == (ref["b"], ref["c"], ref["mcnemar_p"])
+        assert (d["n_questions"], d["n_seeds"], d["seeds"]) == (40, 1, list(seeds))
+        assert (d["accuracy"], d["reference_accuracy"]) == pytest.approx((ref["accuracy"], ref["reference_accuracy"]))
+        assert "delta_seed_min" not in d
+
+
+def test_seeds_that_disagree_widen_the_interval() -> None:
+    """(b) Seed 0 says +50 points, seed 1 says -50, seed 2 says 0: each seed's own question
+    bootstrap is narrow and sure, the pooled interval is wider than any of them and spans 0."""
+    n = 40
+    a = {0: flags_by_id([True] * 30 + [False] * 10), 1: flags_by_id([True] * 10 + [False] * 30),
+         2: flags_by_id([True] * 20 + [False] * 20)}
+    b = {0: flags_by_id([True] * 10 + [False] * 30), 1: flags_by_id([True] * 30 + [False] * 10),
+         2: flags_by_id([True] * 20 + [False] * 20)}
+    d = pooled_paired_delta(a, b, seed=0, resamples=4000)
+    assert d["delta"] == pytest.approx(0.0, abs=1e-12)
+    assert (d["n_questions"], d["n_seeds"], d["seeds"]) == (n, 3, [0, 1, 2])
+    assert (d["delta_seed_min"], d["delta_seed_max"]) == pytest.approx((-0.5, 0.5))
+    assert "b" not in d and "mcnemar_p" not in d  # McNemar is for one seed
+    widths = []
+    for s in a:
+        one = pooled_paired_delta({s: a[s]}, {s: b[s]}, seed=0, resamples=4000)
+        widths.append(one["ci_high"] - one["ci_low"])
+    assert d["ci_low"] < 0 < d["ci_high"]
+    assert d["ci_high"] - d["ci_low"] > max(widths) + 0.2
+    one = pooled_paired_delta({0: a[0]}, {0: b[0]}, seed=0, resamples=4000)
+    assert one["ci_low"] > 0.3  # alone, seed 0 is sure of a gain the other seeds do not repeat
+    # the same seeds that agree give an interval no wider than one seed's
+    same = pooled_paired_delta({s: a[0] for s in a}, {s: b[0] for s in a}, seed=0, resamples=4000)
+    assert same["delta"] == pytest.approx(0.5) and same["ci_high"] - same["ci_low"] <= widths[0] + 0.02
+
+
+def test_a_seedless_reference_is_paired_with_every_seed() -> None:
+    """(c) base has no seed: each seed of the group meets the one base run; the questions are those
+    every run answered."""
+    a = {0: flags_by_id([True] * 6 + [False] * 4), 1: flags_by_id([True] * 8 + [False] * 2)}
+    base = flags_by_id([True] * 2 + [False] * 8)
+    d = pooled_paired_delta(a, {None: base}, seed=1, resamples=1000)
+    assert d["seeds"] == [0, 1] and d["n_seeds"] == 2 and d["n_questions"] == 10
+    assert d["delta"] == pytest.approx(((0.6 - 0.2) + (0.8 - 0.2)) / 2)
+    assert (d["delta_seed_min"], d["delta_seed_max"]) == pytest.approx((0.4, 0.6))
+    assert (d["accuracy"], d["reference_accuracy"]) == pytest.approx((0.7, 0.2))
+    assert d == pooled_paired_delta(a, {0: base, 1: base}, seed=1, resamples=1000)  # broadcasting = a copy per seed
+    # the reversed comparison: the seedless group on the left
+    r = pooled_paired_delta({None: base}, a, seed=1, resamples=1000)
+    assert r["seeds"] == [0, 1] and r["delta"] == pytest.approx(-d["delta"])
+    # a question one run lacks is left out of every pair
+    short = {0: a[0], 1: {q: v for q, v in a[1].items() if q != "q09"}}
+    assert pooled_paired_delta(short, {None: base}, seed=1, resamples=1000)["n_questions"] == 9
+
+
+def test_no_shared_seed_is_not_compared() -> None:
+    """(d) Two groups with seeds but none in common cannot be paired."""
+    a = {0: flags_by_id([True, False]), 1: flags_by_id([True, True])}
+    with pytest.raises(NothingToPair, match=r"no shared seed \(0, 1 against 2\)"):
+        pooled_paired_delta(a, {2: flags_by_id([False, False])}, seed=0, resamples=100)
+    with pytest.raises(NothingToPair, match="no question in common"):
+        pooled_paired_delta({0: {"x": True}}, {0: {"y": True}}, seed=0, resamples=100)
+
+
+def test_a_per_question_mean_pools_seeds_then_questions() -> None:
+    by_seed = {0: {"q1": 0.0, "q2": 0.5, "q3": 1.0}, 1: {"q1": 0.5, "q2": 1.0}}  # seed 1 lacks q3
+    mean, lo, hi, n = pooled_mean_ci(by_seed, seed=0, resamples=2000)
+    assert n == 3 and mean == pytest.approx((0.0 + 0.5 + 1.0 + 0.5 + 1.0) / 5)
+    assert 0.0 <= lo < mean < hi <= 1.0
+    assert pooled_mean_ci({None: {"q": 0.25}}, seed=0, resamples=100) == (0.25, 0.25, 0.25, 1)
+
+
+def write_run(root: Path, metrics_dir: Path, model: str, sets: dict[str, list[bool]]) -> None:
+    """Prediction shards and the evaluate metrics file of one run."""
+    groups = {"embedded": "id", "gsm8k": "id", "csqa": "ood"}
+    for name, flags in sets.items():
+        write_predictions(root, pred_rows(model, name, flags, answer_type="choice" if name == "csqa" else "number"))
+    atomic_write_json(metrics_dir / f"{model}.json", metrics_from_shards(root, model, {k: groups[k] for k in sets}))
+
+
+def seeded_study(tmp_path: Path) -> ReportConfig:
+    """base (no seed); mind and uniform with seeds 0 and 1; mind-inj with seed 5 only."""
+    root, metrics_dir = tmp_path / "eval", tmp_path / "metrics"
+    right = lambda k: [True] * k + [False] * (10 - k)  # noqa: E731
+    write_run(root, metrics_dir, "base", {"embedded": right(2), "csqa": right(5)})
+    write_run(root, metrics_dir, "mind-s0", {"embedded": right(6), "csqa": right(4)})
+    write_run(root, metrics_dir, "mind-s1", {"embedded": right(8), "csqa": right(6)})
+    write_run(root, metrics_dir, "uniform-s0", {"embedded": right(5), "csqa": right(5)})
+    write_run(root, metrics_dir, "uniform-s1", {"embedded": right(7), "csqa": right(5)})
+    write_run(root, metrics_dir, "mind-inj-s5", {"embedded": right(3)})
+    return ReportConfig(metrics_dir=metrics_dir, summary=tmp_path / "summary.md", plot=tmp_path / "p.png",
+                        eval_dir=root, paired_metrics=tmp_path / "paired.json", students_dir=tmp_path / "students",
+                        bootstrap_resamples=500, order=["base", "uniform", "mind", "mind-inj"])
+
+
+def section_of(md: str, heading: str) -> str:
+    start = md.index(heading)
+    end = md.find("\n## ", start + 1)
+    return md[start: end if end >= 0 else len(md)]
+
+
+def test_report_pools_seeds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = seeded_study(tmp_path)
+    with caplog.at_level("WARNING", logger="mind.report"):
+        all_metrics = run(cfg)
+    # every run is a row, in the order of its group, then seed
+    assert list(all_metrics) == ["base", "uniform-s0", "uniform-s1", "mind-s0", "mind-s1", "mind-inj-s5"]
+    md = cfg.summary.read_text()
+    assert table_rows(md)["mind-s1"]["embedded (ID, n=10)"].startswith("80.0 [")
+    pooled = section_of(md, "## Pooled over training seeds")
+    # mind: embedded (60 + 80) / 2 = 70, csqa 50 (40-60); ID avg = embedded; Δ ID 70 - 20 = +50, OOD 50 - 50
+    assert "| `mind` | 2 | 0, 1 | 70.0 (60.0–80.0) | 50.0 (40.0–60.0) | 70.0 (60.0–80.0) | +50.0 | " \
+           "50.0 (40.0–60.0) | +0.0 |" in pooled
+    assert "| `base` | 1 | – | 20.0 | 50.0 | 20.0 | – | 50.0 | – |" in pooled
+    assert "| `mind-inj` | 1 | 5 | 30.0 | – | 30.0 | +10.0 | – | – |" in pooled
+
+    paired = json.loads(cfg.paired_metrics.read_text())
+    assert set(paired) == {"uniform", "mind", "mind-inj"}
+    assert set(paired["mind"]) == {"vs_base", "vs_uniform"} and set(paired["uniform"]) == {"vs_base"}
+    d = paired["mind"]["vs_base"]["embedded"]  # base broadcast to both seeds: (60 - 20 + 80 - 20) / 2
+    assert d["seeds"] == [0, 1] and d["n_seeds"] == 2 and d["n_questions"] == 10
+    assert d["delta"] == pytest.approx(0.5) and (d["delta_seed_min"], d["delta_seed_max"]) == pytest.approx((0.4, 0.6))
+    assert d["ci_low"] <= 0.4 and d["ci_high"] >= 0.6 and "mcnemar_p" not in d
+    u = paired["mind"]["vs_uniform"]["csqa"]  # seed 0: 40 vs 50, seed 1: 60 vs 50
+    assert u["seeds"] == [0, 1] and u["delta"] == pytest.approx(0.0)
+    one = paired["mind-inj"]["vs_base"]["embedded"]  # one seed: the McNemar figures are there
+    assert (one["seeds"], one["b"], one["c"]) == ([5], 1, 0) and one["mcnemar_p"] == pytest.approx(1.0)
+    assert "vs_uniform" not in paired["mind-inj"]  # seed 5 against 0, 1
+    section = section_of(md, "## Paired comparisons")
+    assert "| `mind` | `base` | embedded | 0, 1 | 10 | 70.0 | 20.0 | +50.0 [" in section
+    assert "| +40.0 – +60.0 | – | – |" in section
+    assert "| `mind-inj` | `base` | embedded | 5 | 10 | 30.0 | 20.0 | +10.0 [" in section
+    note = "`mind-inj` vs `uniform`: not compared, no shared seed (5 against 0, 1)"
+    assert note in section and any(note in r.getMessage() for r in caplog.records)
+    # the plot: one bar per group at the mean over seeds; the seed min–max for several, Wilson for one
+    groups, _ = group_runs(all_metrics)
+    assert group_bar(all_metrics, groups["mind"], "id", "embedded") == pytest.approx((0.7, 0.6, 0.8))
+    lo, hi = wilson_interval(3, 10)
+    assert group_bar(all_metrics, groups["mind-inj"], "id", "embedded") == pytest.approx((0.3, lo, hi))
+    assert group_bar(all_metrics, groups["mind-inj"], "ood", "csqa") is None
+    assert cfg.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stale_seedless_run_keeps_its_row_but_is_not_pooled(tmp_path: Path) -> None:
+    cfg = seeded_study(tmp_path)
+    write_run(cfg.eval_dir, cfg.metrics_dir, "mind", {"embedded": [False] * 10})
+    run(cfg)
+    md = cfg.summary.read_text()
+    assert "mind" in table_rows(md)  # the per-run table
+    assert "`mind` has no seed and is left out of group `mind`" in section_of(md, "## Pooled over training seeds")
+    assert json.loads(cfg.paired_metrics.read_text())["mind"]["vs_base"]["embedded"]["seeds"] == [0, 1]
+
+
+def test_ablations_and_injected_ablations_pool_their_seeds(tmp_path: Path) -> None:
+    cfg = seeded_study(tmp_path)
+    right = lambda k: [True] * k + [False] * (10 - k)  # noqa: E731
+    write_run(cfg.eval_dir, cfg.metrics_dir, "mind-length-s0", {"embedded": right(4)})
+    write_run(cfg.eval_dir, cfg.metrics_dir, "mind-length-s1", {"embedded": right(6)})
+    write_run(cfg.eval_dir, cfg.metrics_dir, "mind-length-inj-s5", {"embedded": right(1)})
+    run(cfg)
+    table = section_of(cfg.summary.read_text(), "## Ablations")
+    assert table.startswith("## Ablations (against `mind`, `mind-inj`)")
+    assert "| `mind` | 0, 1 | – | 70.0 | – | 50.0 | – |" in table
+    assert "| `mind-length` | 0, 1 | the TA (scores from length: s = -ln tokens) | 50.0 | -20.0 | – | – |" in table
+    assert "| `mind-length-inj` | 5 | the TA (scores from length: s = -ln tokens) | 10.0 | -20.0 | – | – |" in table
+    paired = json.loads(cfg.paired_metrics.read_text())
+    assert paired["mind-length"]["vs_mind"]["embedded"]["delta"] == pytest.approx(-0.2)
+    assert paired["mind-length-inj"]["vs_mind-inj"]["embedded"]["seeds"] == [5]
+    assert "vs_mind" not in paired["mind-length-inj"]  # an injected ablation is paired with mind-inj only
+
+
+def test_what_the_ta_did_pools_seeds_and_reports_injected_paths(tmp_path: Path) -> None:
+    cfg = seeded_study(tmp_path)
+    students = cfg.students_dir
+    atomic_write_json(students / "mind-s0" / "metrics.json", {
+        "alpha_entropy_share": 0.9, "oracle_alpha_entropy_share": 0.8, "ta_fit": 0.5, "ta_score_slope": 0.6,
+        "selected_share": 0.8, "alpha_length_corr": -0.4, "alpha_share": {"Analogy": 1.2, "Socratic": 0.8}})
+    atomic_write_json(students / "mind-s1" / "metrics.json", {
+        "alpha_entropy_share": 0.7, "oracle_alpha_entropy_share": None, "ta_fit": 0.7, "ta_score_slope": 0.8,
+        "selected_share": 1.0, "alpha_length_corr": -0.2, "alpha_share": {"Analogy": 1.0, "Socratic": 1.0}})
+    # an injected run: its new keys, and the older ones missing
+    atomic_write_json(students / "mind-inj-s5" / "metrics.json", {
+        "alpha_entropy_share": 0.95, "injected_alpha_share": 0.25, "injected_deselected_share": 0.75,
+        "injected_alpha_by_question": {"q1": 0.0, "q2": 0.5, "q3": None}})
+    atomic_write_json(students / "uniform-s0" / "metrics.json", {"method": "uniform"})
+    run(cfg)
+    section = section_of(cfg.summary.read_text(), "## What the TA did")
+    assert "| `mind` | 0, 1 | 0.80 (0.70–0.90) | 0.80 | 0.60 (0.50–0.70) | 0.70 (0.60–0.80) | 0.90 (0.80–1.00) | " \
+           "-0.30 (-0.40–-0.20) |" in section
+    assert "| `mind-inj` | 5 | 0.95 | – | – | – | – | – |" in section
+    assert "| `mind` | 1.10 (1.00–1.20) | 0.90 (0.80–1.00) |" in section and "| `mind-inj` | – | – |" in section
+    assert "`uniform`" not in section  # not a mind-family group
+    assert "| `mind` | 0, 1 | – | – | – |" in section  # no injected figures: dashes, not a crash
+    row = next(line for line in section.splitlines() if line.startswith("| `mind-inj` | 5 | 0.25 | 0.75 | "))
+    assert row.endswith("(n=2) |") and row.split(" | ")[4].startswith("0.25 [0.00, 0.50]")

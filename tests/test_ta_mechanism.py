@@ -4,7 +4,7 @@ Real MiniLM embeddings of the embedded teacher's real rationales (tests/fixtures
 31 questions), each question with its own paths plus one rationale taken from another question.
 The losses are synthetic and known: the question's own paths sit at 0.6 ± 0.1 nats, the foreign
 one at 1.6. The schedule is the default's, read from params.yaml (the warm-up, then max_steps
-student steps of questions_per_step questions, a TA step every ta_accum_steps micro-batches),
+student steps of questions_per_step questions, a TA step every ta.accum_steps micro-batches),
 and it runs through the real FDIC code. The TA only ever sees the training questions; on the
 held-out ones it must give the foreign path a small weight, deselect it, and score the paths
 on the scale of -L̄. A TA that does not fit its target, or fits it without carrying over to new
@@ -56,7 +56,7 @@ def _scenario(seed: int, k: int) -> tuple[list[str], list[str], torch.Tensor, to
 
 def _train_default_schedule(cfg: D.DistillConfig, emb: torch.Tensor, grid: torch.Tensor, losses: torch.Tensor,
                             train: list[int]) -> Fdic:
-    fdic = build_fdic(emb, grid[train], D.fdic_config(cfg), torch.device("cpu"))
+    fdic = build_fdic(emb, grid[train], cfg.ta, cfg.seed, torch.device("cpu"))
     per = cfg.questions_per_step
     slots = per * grid.shape[1]
 
@@ -65,7 +65,7 @@ def _train_default_schedule(cfg: D.DistillConfig, emb: torch.Tensor, grid: torch
         ids = grid[idx]
         update_ema(fdic, ids, ids >= 0, losses[idx], clock, slots, lambda t: t)
 
-    for w in range(cfg.ta_warmup_steps):  # the warm-up's own question stream, as distill draws it
+    for w in range(cfg.ta.warmup_steps):  # the warm-up's own question stream, as distill draws it
         visit(cfg.seed + 7919, w, 0)
         fdic.warmup_step(None)
     for step in range(cfg.max_steps):
