@@ -92,9 +92,14 @@ def answer_instruction(answer_type: str) -> str:
 
 
 # The student's user message, in training (distill) and in evaluation (evaluate): a zero-shot
-# chain-of-thought line and the same answer instruction. One constant, so that the students are
-# scored on exactly the prompt they were trained on.
+# chain-of-thought line and the same answer instruction. One template and one function, so that the
+# students are scored on exactly the prompt they were trained on.
 STUDENT_PROMPT = "{question}\n\nLet's think step by step. {answer_instruction}"
+
+
+def student_message(question: str, answer_type: str) -> str:
+    """The student's user turn for a formatted question (``questions.format_question``): no perspective."""
+    return STUDENT_PROMPT.format(question=question, answer_instruction=answer_instruction(answer_type))
 
 
 def teacher_instruction(answer_type: str) -> str:

@@ -91,7 +91,7 @@ from pipeline.config import ConfigError, check, deep_merge, from_dict, shown, to
 from pipeline.engine import resolve_dtype
 from pipeline.fdic import Fdic, TaConfig, build_fdic, half_life_steps, rng_fork, update_ema
 from pipeline.models import torch_dtype
-from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
+from pipeline.perspectives import student_message
 from pipeline.shards import (FILTERED_SCHEMA, atomic_write_json, config_hash, mismatched_file, read_manifest, read_rows,
                              sha256_file)
 from pipeline.ta import embed_paths
@@ -133,10 +133,8 @@ class DistillConfig:
     out_root: Path = field(Path("data/students"), help="output root; the run goes to <out_root>/<run_name>")
     live_root: Path = field(Path("metrics/distill"), help="dvclive root; curves go to <live_root>/<run_name>")
     embedding_cache: Path | None = field(Path(".cache/ta_embeddings"), help="TA embedding cache dir (null: no cache)")
-    prompt: str = field(STUDENT_PROMPT, help="the student's user message: {question} and optionally {answer_instruction} "
-                        "(never a perspective); the default is evaluate's default prompt, so training matches evaluation")
     # data
-    max_paths: int = field(8, help="K: at most this many paths per question; a question with more keeps a seeded "
+    max_paths: int = field(4, help="K: at most this many paths per question; a question with more keeps a seeded "
                                    "random draw of them, the same for every method")
     max_seq_len: int = field(384, help="paths longer than this (prompt + rationale) are dropped and counted")
     single_rule: Literal["random", "first", "shortest"] = field(
@@ -144,9 +142,9 @@ class DistillConfig:
     # optimisation
     questions_per_step: int = field(2, help="questions per micro-batch per process (all their paths together)")
     grad_accum: int = field(1, help="student gradient-accumulation micro-batches per optimizer step")
-    max_steps: int = field(8, help="student optimizer steps")
+    max_steps: int = field(24, help="student optimizer steps")
     max_epochs: float = field(4.0, help="error if max_steps needs more passes over the questions than this")
-    lr: float = field(3e-4, help="student peak learning rate")
+    lr: float = field(1e-3, help="student peak learning rate")
     warmup_ratio: float = field(0.1, help="linear LR warm-up share of max_steps, then cosine decay to 0")
     weight_decay: float = field(0.0, help="AdamW weight decay (student)")
     max_grad_norm: float = field(1.0, help="student gradient clipping norm (0: off)")
@@ -178,7 +176,7 @@ class DistillConfig:
     ta: TaConfig = field(help="the Teaching Assistant and its FDIC training (mapping: the keys of "
                               "pipeline/fdic.py TaConfig)", factory=TaConfig)
     # robustness and logging
-    checkpoint_every: int = field(4, help="save a resumable, sha256-verified checkpoint every N steps (0: never)")
+    checkpoint_every: int = field(6, help="save a resumable, sha256-verified checkpoint every N steps (0: never)")
     keep_checkpoints: bool = field(False, help="keep checkpoints after a successful run")
     resume: bool = field(True, help="resume from the last checkpoint of an identical config")
     log_every: int = field(1, help="log a progress line every N steps")
@@ -186,12 +184,6 @@ class DistillConfig:
     def __post_init__(self) -> None:
         check(self.run_name is None or (bool(self.run_name) and "/" not in self.run_name),
               f"distill.run_name {self.run_name!r} must be a plain folder name")
-        try:
-            self.prompt.format(question="q", answer_instruction="a")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"distill.prompt {self.prompt!r}: only {{question}} and {{answer_instruction}} may be "
-                              f"filled in ({e})") from None
-        check("{question}" in self.prompt, "distill.prompt must contain {question}")
         check(1 <= self.max_paths <= 64, "distill.max_paths must be in [1, 64]")
         check(self.max_seq_len >= 16, "distill.max_seq_len must be >= 16")
         check(self.questions_per_step >= 1, "distill.questions_per_step must be >= 1")
@@ -264,14 +256,6 @@ class QuestionUnit:
     question_id: str
     paths: list[PathExample]
     jsd_len: int  # answer-suffix tokens shared by all paths (aligned from the end)
-
-
-def user_message(template: str, question: str, answer_type: str) -> str:
-    """The student's user turn: the formatted question, no perspective instruction."""
-    fill = {"question": question}
-    if "{answer_instruction}" in template:
-        fill["answer_instruction"] = answer_instruction(answer_type)
-    return template.format(**fill)
 
 
 def chat_parts(tokenizer: Any, user: str) -> tuple[str, str, str]:
@@ -374,8 +358,7 @@ def load_units(cfg: DistillConfig, tokenizer: Any) -> tuple[list[QuestionUnit], 
         questions = {r["question"] for r in group}
         if len(questions) != 1:
             raise ConfigError(f"{cfg.filtered_dir}: question_id {qid} has {len(questions)} different question texts")
-        prompt, prefix, tail = chat_parts(tokenizer, user_message(cfg.prompt, group[0]["question"],
-                                                                  group[0]["answer_type"]))
+        prompt, prefix, tail = chat_parts(tokenizer, student_message(group[0]["question"], group[0]["answer_type"]))
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
         encoded = []

@@ -9,8 +9,8 @@ distilled student ``students_dir/<model>/``: its ``merged/`` HF folder, or with
 ``student_source: adapter`` its PEFT ``adapter/`` served on top of ``base_model`` through
 vLLM's LoRA support (``enable_lora`` + ``LoRARequest``).
 
-Every model gets the same prompt: ``prompt`` (a zero-shot chain-of-thought instruction)
-filled with the question as the model sees it (``format_question``: stem and lettered
+Every model gets the same prompt, the one distill trains on (``pipeline.perspectives.student_message``:
+a zero-shot chain-of-thought line) filled with the question as the model sees it (``format_question``: stem and lettered
 options) and the answer-type instruction ``The answer is X.`` (the one the teacher prompts
 end with, ``pipeline.perspectives.answer_instruction``), wrapped in the model's chat
 template. Decoding is greedy, one batched vLLM call over all the datasets. Answers are
@@ -38,7 +38,7 @@ from pipeline import answers as A
 from pipeline.config import check, to_dict
 from pipeline.engine import Engine, EngineConfig, chat_prompts
 from pipeline.metrics import PREDICTION_SCHEMA, Group, dataset_metrics, model_metrics
-from pipeline.perspectives import STUDENT_PROMPT, answer_instruction
+from pipeline.perspectives import student_message
 from pipeline.questions import format_question
 from pipeline.shards import atomic_write_json, check_name, clear_dir, read_rows, write_shards
 from stages.cli import field
@@ -66,8 +66,9 @@ class EvalDataset:
 
 
 def default_datasets() -> list[EvalDataset]:
-    return [EvalDataset("embedded", "id"), EvalDataset("gsm8k", "id"), EvalDataset("svamp", "id"),
-            EvalDataset("csqa", "ood"), EvalDataset("strategyqa", "ood")]
+    """All 300 embedded questions (the comparison that can tell) and 10 of each benchmark."""
+    return [EvalDataset("embedded", "id"), EvalDataset("gsm8k", "id", 10), EvalDataset("svamp", "id", 10),
+            EvalDataset("csqa", "ood", 10), EvalDataset("strategyqa", "ood", 10)]
 
 
 @dataclass
@@ -80,10 +81,9 @@ class EvaluateConfig:
         "merged", help="serve a student's merged/ model, or its PEFT adapter/ on base_model via vLLM LoRA")
     prepared_dir: Path = field(Path("data/prepared"), help="prepared eval splits, one folder per dataset")
     datasets: list[EvalDataset] = field(help="eval splits: {name, group: id|ood, limit}", factory=default_datasets)
-    prompt: str = field(STUDENT_PROMPT, help="user message; {question} and {answer_instruction} are filled in "
-                        "(the default is distill's default prompt: students are scored on what they trained on)")
     max_tokens: int = field(256, help="generated tokens per answer (greedy)")
-    engine: EngineConfig = field(help="vLLM engine settings", factory=EngineConfig)
+    engine: EngineConfig = field(help="vLLM engine settings",
+                                 factory=lambda: EngineConfig(max_model_len=1024, kv_cache_gib=1.0))
     out_dir: Path = field(Path("data/eval"), help="prediction shards go to <out_dir>/<model>/<dataset>/")
     metrics_dir: Path = field(Path("metrics/eval"), help="metrics file goes to <metrics_dir>/<model>.json")
     shard_size: int = field(5000, help="rows per prediction shard")
@@ -93,7 +93,6 @@ class EvaluateConfig:
         check(bool(self.datasets), "evaluate.datasets: at least one eval split is needed")
         names = [d.name for d in self.datasets]
         check(len(names) == len(set(names)), f"evaluate.datasets: duplicate names {names}")
-        check("{question}" in self.prompt, "evaluate.prompt must contain {question}")
         check(self.max_tokens > 0, "evaluate.max_tokens must be positive")
         check(self.shard_size > 0, "evaluate.shard_size must be positive")
         check(self.max_tokens < self.engine.max_model_len,
@@ -104,9 +103,9 @@ class EvaluateConfig:
 # ---------------------------------------------------------------- scoring (plain functions)
 
 
-def user_message(template: str, row: dict[str, Any]) -> str:
-    """The zero-shot CoT user message for one question row (the same for every model)."""
-    return template.format(question=format_question(row), answer_instruction=answer_instruction(row["answer_type"]))
+def user_message(row: dict[str, Any]) -> str:
+    """The zero-shot CoT user message for one question row (the same for every model, and what distill trains on)."""
+    return student_message(format_question(row), row["answer_type"])
 
 
 def score(output: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +128,6 @@ def evaluate_model(
     engine: Engine,
     model_name: str,
     questions: dict[str, list[dict[str, Any]]],
-    prompt: str,
     max_tokens: int,
     lora_request: LoRARequest | None = None,
     max_model_len: int | None = None,
@@ -150,7 +148,7 @@ def evaluate_model(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     prompts: list[str] = []
     for dataset, rows in questions.items():
-        texts = chat_prompts(tokenizer, [user_message(prompt, r) for r in rows])
+        texts = chat_prompts(tokenizer, [user_message(r) for r in rows])
         if max_model_len is not None:
             for row, text in zip(rows, texts):
                 n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -276,7 +274,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     with Engine(model_dir, engine_cfg) as engine:
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        predictions = evaluate_model(engine, cfg.model, questions, cfg.prompt, cfg.max_tokens, lora,
+        predictions = evaluate_model(engine, cfg.model, questions, cfg.max_tokens, lora,
                                      engine_cfg.max_model_len)
         gen_s = time.perf_counter() - t1
     resolved = {"model_dir": model_dir, "adapter": str(adapter) if adapter else None, "engine": to_dict(engine_cfg)}

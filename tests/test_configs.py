@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, deep_merge
+from pipeline.perspectives import student_message
 from stages.app import validate_params as validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,14 +142,10 @@ def test_accelerate_configs_load() -> None:
 
 
 def test_students_train_on_exactly_the_prompt_evaluate_asks() -> None:
-    """One prompt: the user message distill trains on is the one evaluate scores, for every answer type,
-    in params.yaml and in the stages' own defaults."""
+    """One prompt: the user message distill trains on is the one evaluate scores, for every answer type."""
     from pipeline.questions import format_question
-    from stages import distill, evaluate
+    from stages import evaluate
 
-    configs = validate(load_yaml(ROOT / "params.yaml"), "params.yaml")
-    assert configs["distill"].prompt == configs["evaluate"].prompt
-    assert distill.DistillConfig().prompt == evaluate.EvaluateConfig().prompt
     rows = [
         {"question": "Anna has 3 apples. How many?", "answer_type": "number", "choices": []},
         {"question": "Where are books kept?", "answer_type": "choice", "choices": ["bank", "library"]},
@@ -156,10 +153,24 @@ def test_students_train_on_exactly_the_prompt_evaluate_asks() -> None:
     ]
     for row in rows:
         # filter stores format_question(q) in the filtered rows' `question` column; distill reads it
-        trained = distill.user_message(configs["distill"].prompt, format_question(row), row["answer_type"])
-        asked = evaluate.user_message(configs["evaluate"].prompt, row)
+        trained = student_message(format_question(row), row["answer_type"])
+        asked = evaluate.user_message(row)
         assert trained == asked
         assert "Let's think step by step." in asked and "The answer is X." in asked
+
+
+def test_every_stage_default_is_params_yaml_value() -> None:
+    """A config built from the code's defaults is the one params.yaml gives: tests that build configs
+    from the defaults test the settings the pipeline runs. (prepare and generate need their lists.)"""
+    from pipeline.config import to_dict
+    from stages.app import CONFIGS
+
+    configs = validate(load_yaml(ROOT / "params.yaml"), "params.yaml")
+    required = {"prepare": ("train", "eval"), "generate": ("teachers",)}
+    for section, cls in CONFIGS.items():
+        given = configs[section]
+        built = cls(**{k: getattr(given, k) for k in required.get(section, ())})
+        assert to_dict(built) == to_dict(given), section
 
 
 def _inertia_fits(params: dict[str, Any], source: str) -> None:

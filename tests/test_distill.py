@@ -72,7 +72,7 @@ def test_sequences_mask_the_prompt_and_share_the_answer_suffix(filtered: Path, t
             prompt = tok.decode(p.input_ids[: p.prompt_len])
             # evaluate's user message (the question, the CoT line, the answer instruction) through the chat
             # template: no perspective, generation prompt last.
-            user = D.user_message(cfg.prompt, r["question"], r["answer_type"])
+            user = D.student_message(r["question"], r["answer_type"])
             assert user.startswith(r["question"]) and "Let's think step by step." in user
             assert prompt == tok.apply_chat_template([{"role": "user", "content": user}],
                                                      add_generation_prompt=True, tokenize=False)

@@ -53,11 +53,11 @@ GROUPS = {"arith": "id", "latex": "id", "mc": "ood", "yn": "ood"}
 
 def test_user_message_is_the_same_cot_prompt_for_every_model() -> None:
     row = QUESTIONS["mc"][0]
-    msg = user_message(EvaluateConfig().prompt, row)
+    msg = user_message(row)
     assert msg.startswith("Which of these is a fruit?\nAnswer choices:\n(A) car\n(B) apple\n(C) table")
     assert "Let's think step by step." in msg
     assert msg.endswith('"The answer is X." where X is the letter of the correct option.')
-    assert user_message(EvaluateConfig().prompt, QUESTIONS["arith"][0]).endswith("X is the final number.")
+    assert user_message(QUESTIONS["arith"][0]).endswith("X is the final number.")
 
 
 def test_score_per_answer_type() -> None:
@@ -175,7 +175,7 @@ def check_metrics_file(path: Path, groups: dict[str, str], sizes: dict[str, int]
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_engine: Any, embedded_model_dir: Path) -> None:
-    preds = evaluate_model(embedded_engine, "base", QUESTIONS, EvaluateConfig().prompt, max_tokens=64,
+    preds = evaluate_model(embedded_engine, "base", QUESTIONS, max_tokens=64,
                            max_model_len=1024)
     assert list(preds) == list(QUESTIONS)
     for dataset, rows in preds.items():
@@ -188,7 +188,7 @@ def test_evaluate_on_the_embedded_model(tmp_path: Path, embedded_engine: Any, em
                 r["output"], question)
     long_q = {"arith": [q("long", "Add these up: " + " + ".join(["1"] * 400), "400", "number")]}
     with pytest.raises(ValueError, match=r"arith: question long has a \d+-token prompt.*max_model_len >= "):
-        evaluate_model(embedded_engine, "base", long_q, EvaluateConfig().prompt, 64, max_model_len=512)
+        evaluate_model(embedded_engine, "base", long_q, 64, max_model_len=512)
 
     cfg = EvaluateConfig(model="base", datasets=[EvalDataset(n, g) for n, g in GROUPS.items()],  # type: ignore[arg-type]
                          out_dir=tmp_path / "eval", metrics_dir=tmp_path / "metrics")
@@ -226,8 +226,8 @@ def test_evaluate_through_a_lora_adapter(tmp_path: Path, embedded_engine: Any, e
     assert adapter is not None and engine_cfg.enable_lora and engine_cfg.max_lora_rank == 16
     assert model_dir == embedded_engine.model  # the adapter is served on the base model's engine
     qs = {"arith": QUESTIONS["arith"]}
-    with_lora = evaluate_model(embedded_engine, "lora", qs, cfg.prompt, 48, LoRARequest("lora", 1, str(adapter)))
-    plain = evaluate_model(embedded_engine, "base", qs, cfg.prompt, 48)
+    with_lora = evaluate_model(embedded_engine, "lora", qs, 48, LoRARequest("lora", 1, str(adapter)))
+    plain = evaluate_model(embedded_engine, "base", qs, 48)
     assert [r["output"] for r in with_lora["arith"]] != [r["output"] for r in plain["arith"]]
     assert all(r["model"] == "lora" for r in with_lora["arith"])
     write_outputs(cfg, with_lora, {"model_dir": model_dir, "adapter": str(adapter)})
