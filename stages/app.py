@@ -46,7 +46,10 @@ def validate_params(params: dict[str, Any], source: str) -> dict[str, Any]:
             close = difflib.get_close_matches(str(name), list(CONFIGS), n=1)
             named.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigError(f"{source}: unknown section {', '.join(named)}; the stages are {sorted(CONFIGS)}")
-    return {name: from_dict(CONFIGS[name], section_of(params, name, source), name) for name in params}
+    configs = {name: from_dict(CONFIGS[name], section_of(params, name, source), name) for name in params}
+    if "distill" in configs:
+        distill.check_injected_arm(configs["distill"], source)
+    return configs
 
 
 app = typer.Typer(

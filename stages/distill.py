@@ -208,8 +208,6 @@ class DistillConfig:
         check(0.0 <= self.inject <= 1.0, f"distill.inject {self.inject} must be in [0, 1]")
         check(len(set(self.inject_methods)) == len(self.inject_methods),
               f"distill.inject_methods {self.inject_methods} repeats a name")
-        check(not self.inject_methods or self.inject > 0,
-              f"distill.inject_methods {self.inject_methods} needs distill.inject > 0 (it is 0: off)")
 
     @property
     def name(self) -> str:
@@ -220,6 +218,13 @@ class DistillConfig:
     def lam(self) -> float:
         """λ actually used: the consistency term belongs to mcc and mind only."""
         return self.consistency_weight if self.method in ("mcc", "mind") else 0.0
+
+
+def check_injected_arm(cfg: DistillConfig, source: str) -> None:
+    """dvc.yaml's injected entries pass ``--inject`` distill.inject: at 0 they would train clean data under an
+    ``-inj`` name. A check on the params file, not on a run: the clean entries pass ``--inject 0``."""
+    check(not cfg.inject_methods or cfg.inject > 0,
+          f"{source}: distill.inject_methods {cfg.inject_methods} needs distill.inject > 0 (it is 0: off)")
 
 
 def run_label(method: str, seed: int, injected: bool) -> str:

@@ -239,3 +239,12 @@ def test_dvc_runs_each_method_once_per_seed_and_the_injected_arm_only_when_param
     assert {n for n in names if n.startswith("distill")} == {f"distill@{r}" for r in runs} | \
         {f"distill-injected@{r}" for r in runs}
     assert {f"evaluate-injected@{r}" for r in runs} | {f"evaluate@{r}" for r in runs} <= upstream["report"]
+    # every entry's command line over the study's params builds a valid run config, named as dvc.yaml says
+    from pipeline.config import from_dict
+    from stages.distill import DistillConfig
+
+    section = study["distill"]
+    for m in ("uniform", "mind", "mind-length"):
+        clean = from_dict(DistillConfig, {**section, "method": m, "seed": 1, "inject": 0}, "distill")
+        injected = from_dict(DistillConfig, {**section, "method": m, "seed": 1}, "distill")
+        assert (clean.name, injected.name) == (f"{m}-s1", f"{m}-inj-s1")

@@ -24,6 +24,7 @@ from pipeline.fdic import TaConfig
 from pipeline.shards import FILTERED_SCHEMA, write_shards
 from pipeline.ta import TeachingAssistant
 from stages import distill as D
+from stages.app import validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,8 +223,10 @@ def test_ablations_are_mind_with_one_parameter_forced(tmp_path: Path, filtered: 
     assert D.resolve_ablation(D.DistillConfig(method="mind-ema0", run_name="x")).name == "x"
     with pytest.raises(ConfigError, match="each once"):
         D.DistillConfig(methods=["mind-ema0", "mind-ema0"])
-    with pytest.raises(ConfigError, match="needs distill.inject > 0"):
-        D.DistillConfig(inject_methods=["mind"])
+    with pytest.raises(ConfigError, match=r"^p.yaml: distill.inject_methods \['mind'\] needs distill.inject > 0"):
+        validate_params({"distill": {"inject_methods": ["mind"]}}, "p.yaml")
+    # a clean entry of a study with an injected arm: dvc.yaml passes --inject 0 to the run itself
+    assert D.DistillConfig(inject_methods=["mind"], inject=0.0).name == "mind-s0"
     D.run(tiny_cfg(tmp_path, filtered, tiny, encoder_dir, method="mind-ema0", max_steps=2))
     out = tmp_path / "students" / "mind-ema0-s0"
     config = json.loads((out / "config.json").read_text())
