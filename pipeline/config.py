@@ -121,7 +121,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - names)
     prefix = f"{where}." if where else ""
     if unknown:
-        close = {k: difflib.get_close_matches(str(k), sorted(names), n=1) for k in unknown}
+        # A flat key for a nested field (``ta_heads`` for ``ta: {heads: ...}``, the shape of an
+        # older params file) points at the nested key, not at the nearest spelling of this level.
+        nested = {f"{n}_{sub.name}": f"{n}.{sub.name}" for n in sorted(names)
+                  if dataclasses.is_dataclass(hints[n]) for sub in dataclasses.fields(hints[n]) if sub.init}
+        close = {k: [nested.get(c, c) for c in difflib.get_close_matches(str(k), sorted(names) + sorted(nested), n=1)]
+                 for k in unknown}
         hint = "".join(f"; did you mean '{c[0]}' for '{k}'?" for k, c in close.items() if c)
         raise ConfigError(
             f"{where or cls.__name__}: unknown parameter(s) {unknown}{hint}; known: {sorted(names)}"

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import typer
 import yaml
 
-from pipeline.config import ConfigError, kind_of, shown
+from pipeline.config import ConfigError, deep_merge, kind_of, shown
 
 C = TypeVar("C")
 log = logging.getLogger("mind")
@@ -146,7 +146,8 @@ def command(
             ann = typing.Annotated[typing.Optional[_option_type(tp)], typer.Option(help=help_text, show_default=False)]
         else:
             ann = typing.Annotated[
-                typing.Optional[str], typer.Option(help=f"{help_text} (YAML text)", show_default=False)
+                typing.Optional[str], typer.Option(help=f"{help_text} (YAML text; a mapping merges into the params file's)",
+                                                    show_default=False)
             ]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
 
@@ -160,7 +161,9 @@ def command(
                 option = f"--{name.replace('_', '-')}"
                 overrides[name] = value if _is_scalar(hints[name]) else parse_yaml(value, option)
             params = read_params(params_path)
-            params = {**params, section: {**section_of(params, section, str(params_path)), **overrides}}
+            # An option's mapping merges into the file's key by key, as `mind params` does:
+            # `--ta '{lr: 0.01}'` changes the TA's learning rate, not the whole TA.
+            params = {**params, section: deep_merge(section_of(params, section, str(params_path)), overrides)}
             cfg = validate(params, str(params_path))[section]
             run(cfg)
         except (ValueError, OSError) as e:

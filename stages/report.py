@@ -187,6 +187,11 @@ def signed_points(x: float) -> str:
     return f"{points:+.1f}"
 
 
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def cell(m: dict[str, Any], show_n: bool) -> str:
     text = f"{pct(m['accuracy'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}]"
     return f"{text} (n={m['n']})" if show_n else text
@@ -214,8 +219,8 @@ def summary_markdown(all_metrics: dict[str, dict[str, Any]], base: str) -> str:
         show_n[(g, name)] = len(ns) > 1  # the same n everywhere goes in the header
         header.append(f"{name} ({GROUP_LABEL[g]}" + (f", n={ns.pop()})" if len(ns) == 1 else ")"))
     header += ["ID avg", "Δ ID", "OOD avg", "Δ OOD"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base_avg = all_metrics[base]["avg"] if has_base else {}
+    rows = []
     for model, m in all_metrics.items():
         row = [f"`{model}`"]
         for g, name in cols:
@@ -227,23 +232,16 @@ def summary_markdown(all_metrics: dict[str, dict[str, Any]], base: str) -> str:
                 row.append("–")
             else:
                 row.append(signed_points(avg - base_avg[g]))
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+        rows.append(row)
+    lines += table(header, rows) + [""]
 
     if has_base and len(all_metrics) > 1:
         lines += [f"## Δ against `{base}` per dataset (points)", ""]
-        head = ["model"] + [f"{name} ({GROUP_LABEL[g]})" for g, name in cols]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         b = all_metrics[base]
-        for model, m in all_metrics.items():
-            if model == base:
-                continue
-            row = [f"`{model}`"]
-            for g, name in cols:
-                ok = name in m[g] and name in b[g]
-                row.append(signed_points(m[g][name]["accuracy"] - b[g][name]["accuracy"]) if ok else "–")
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        lines += table(["model"] + [f"{name} ({GROUP_LABEL[g]})" for g, name in cols], (
+            [f"`{model}`"] + [signed_points(m[g][name]["accuracy"] - b[g][name]["accuracy"])
+                              if name in m[g] and name in b[g] else "–" for g, name in cols]
+            for model, m in all_metrics.items() if model != base)) + [""]
 
     numeric = [(g, name) for g, name in cols
                if any("strict_accuracy" in m[g].get(name, {}) for m in all_metrics.values())]
@@ -256,18 +254,14 @@ def summary_markdown(all_metrics: dict[str, dict[str, Any]], base: str) -> str:
             "extractable answer.",
             "",
         ]
-        head = ["model"] + [f"{name} strict / flexible / answered" for _, name in numeric]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for model, m in all_metrics.items():
-            row = [f"`{model}`"]
-            for g, name in numeric:
-                d = m[g].get(name)
-                if d is None or "strict_accuracy" not in d:
-                    row.append("–")
-                else:
-                    row.append(f"{pct(d['strict_accuracy'])} / {pct(d['flexible_accuracy'])} / {pct(d['answered'])}")
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        def split(d: dict[str, Any] | None) -> str:
+            if d is None or "strict_accuracy" not in d:
+                return "–"
+            return f"{pct(d['strict_accuracy'])} / {pct(d['flexible_accuracy'])} / {pct(d['answered'])}"
+
+        lines += table(["model"] + [f"{name} strict / flexible / answered" for _, name in numeric],
+                       ([f"`{model}`"] + [split(m[g].get(name)) for g, name in numeric]
+                        for model, m in all_metrics.items())) + [""]
     return "\n".join(lines)
 
 
@@ -333,7 +327,6 @@ def pooled_markdown(all_metrics: dict[str, dict[str, Any]], groups: dict[str, Ru
              f"`{base_group}` in points. A figure only some seeds have is the mean over those (k of n seeds).", ""]
     header = ["group", "runs", "seeds"] + [f"{name} ({GROUP_LABEL[g]})" for g, name in cols]
     header += ["ID avg", "Δ ID", "OOD avg", "Δ OOD"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def text(s: Spread | None, runs: int) -> str:
         if s is None:
@@ -341,6 +334,7 @@ def pooled_markdown(all_metrics: dict[str, dict[str, Any]], groups: dict[str, Ru
         t = spread_text(Spread(100 * s.mean, 100 * s.low, 100 * s.high, s.n), "{:.1f}")
         return t if s.n == runs else f"{t} ({s.n} of {runs} seeds)"
 
+    rows = []
     for group, runs in groups.items():
         p = pooled[group]
         row = [f"`{group}`", str(len(runs)), seeds_text(runs)]
@@ -350,8 +344,8 @@ def pooled_markdown(all_metrics: dict[str, dict[str, Any]], groups: dict[str, Ru
             row.append(text(avg, len(runs)))
             ref = base_avg.get(("avg", g))
             row.append("–" if avg is None or ref is None or group == base_group else signed_points(avg.mean - ref.mean))
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+        rows.append(row)
+    lines += table(header, rows) + [""]
     if notes:
         lines += ["Left out:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
@@ -373,13 +367,11 @@ def ablation_markdown(all_metrics: dict[str, dict[str, Any]], groups: dict[str, 
     if not rows:
         return ""
     minds = list(dict.fromkeys(m for _, m in rows))
-    lines = ["## Ablations (against " + ", ".join(f"`{m}`" for m in minds) + ")", "",
-             "ID/OOD averages are means over each group's seeds.", "",
-             "| group | seeds | removes | ID avg | Δ ID | OOD avg | Δ OOD |", "|---|---|---|---|---|---|---|"]
+    out = []
     for mind in minds:
         base = pooled[mind]
-        lines.append(f"| `{mind}` | {seeds_text(groups[mind])} | – | " + " | ".join(
-            f"{pct(base[('avg', g)].mean)} | –" if ("avg", g) in base else "– | –" for g in GROUPS) + " |")
+        out.append([f"`{mind}`", seeds_text(groups[mind]), "–"] + [
+            c for g in GROUPS for c in ((pct(base[("avg", g)].mean), "–") if ("avg", g) in base else ("–", "–"))])
         for group, _ in (r for r in rows if r[1] == mind):
             avg = pooled[group]
             cells = []
@@ -390,9 +382,10 @@ def ablation_markdown(all_metrics: dict[str, dict[str, Any]], groups: dict[str, 
                     ref = base.get(("avg", g))
                     cells += [pct(avg[("avg", g)].mean),
                               signed_points(avg[("avg", g)].mean - ref.mean) if ref is not None else "–"]
-            label = ABLATION_LABELS[group.removesuffix(INJECTED)]
-            lines.append(f"| `{group}` | {seeds_text(groups[group])} | {label} | " + " | ".join(cells) + " |")
-    lines.append("")
+            out.append([f"`{group}`", seeds_text(groups[group]), ABLATION_LABELS[group.removesuffix(INJECTED)]] + cells)
+    lines = ["## Ablations (against " + ", ".join(f"`{m}`" for m in minds) + ")", "",
+             "ID/OOD averages are means over each group's seeds.", ""]
+    lines += table(["group", "seeds", "removes", "ID avg", "Δ ID", "OOD avg", "Δ OOD"], out) + [""]
     return "\n".join(lines)
 
 
@@ -560,20 +553,19 @@ def paired_markdown(paired: dict[str, dict[str, Any]], notes: list[str], resampl
         "b = questions only the group got right, c = only the reference, p = exact McNemar test on b and c; with "
         "several seeds, the per-seed Δ min–max.",
         "",
-        "| group | vs | dataset | seeds | n | group % | ref % | Δ [95% CI] | per-seed Δ | b / c | McNemar p |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for group, by_ref in paired.items():
         for ref, by_ds in by_ref.items():
             for name, d in by_ds.items():
                 one = d["n_seeds"] == 1
                 per_seed = "–" if one else f"{signed_points(d['delta_seed_min'])} – {signed_points(d['delta_seed_max'])}"
-                lines.append(
-                    f"| `{group}` | `{ref.removeprefix('vs_')}` | {name} | {seeds_text(d['seeds'])} | "
-                    f"{d['n_questions']} | {pct(d['accuracy'])} | {pct(d['reference_accuracy'])} | "
-                    f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}] | "
-                    f"{per_seed} | " + (f"{d['b']} / {d['c']} | {d['mcnemar_p']:.2g} |" if one else "– | – |"))
-    lines.append("")
+                rows.append([f"`{group}`", f"`{ref.removeprefix('vs_')}`", name, seeds_text(d["seeds"]),
+                             str(d["n_questions"]), pct(d["accuracy"]), pct(d["reference_accuracy"]),
+                             f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]",
+                             per_seed] + ([f"{d['b']} / {d['c']}", f"{d['mcnemar_p']:.2g}"] if one else ["–", "–"]))
+    lines += table(["group", "vs", "dataset", "seeds", "n", "group %", "ref %", "Δ [95% CI]", "per-seed Δ", "b / c",
+                    "McNemar p"], rows) + [""]
     if notes:
         lines += ["Not compared:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
@@ -649,30 +641,24 @@ def ta_markdown(groups: dict[str, Runs], students_dir: Path, seed: int, resample
              "does). `H(α)/ln K` is 1 for uniform weights; the oracle is a TA that fitted -L̄ exactly (same β and "
              "τ_student); `ta_fit` is the share of the oracle's sharpening the run realised; the slope is the "
              "within-question least-squares slope of the TA's scores on -L̄ (1 = fitted); `corr(α, length)` is "
-             "within questions.", "",
-             "| group | seeds | " + " | ".join(label for _, label, _ in TA_FIGURES) + " |",
-             "|---" * (len(TA_FIGURES) + 2) + "|"]
-    for group, per_seed in rows:
-        lines.append(f"| `{group}` | {seeds_text(per_seed)} | "
-                     + " | ".join(figure(per_seed, key, fmt) for key, _, fmt in TA_FIGURES) + " |")
+             "within questions.", ""]
+    lines += table(["group", "seeds"] + [label for _, label, _ in TA_FIGURES],
+                   ([f"`{group}`", seeds_text(per_seed)] + [figure(per_seed, key, fmt) for key, _, fmt in TA_FIGURES]
+                    for group, per_seed in rows))
     names = sorted({n for _, per_seed in rows for m in per_seed.values() for n in shares(m)})
     if names:
-        lines += ["", "Each perspective's mean K·α (1 = a uniform share):", "",
-                  "| group | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for group, per_seed in rows:
-            cells = [spread_text(spread([v for m in per_seed.values() if (v := number(shares(m).get(n))) is not None]))
-                     for n in names]
-            lines.append(f"| `{group}` | " + " | ".join(cells) + " |")
+        lines += ["", "Each perspective's mean K·α (1 = a uniform share):", ""]
+        lines += table(["group"] + names, ([f"`{group}`"] + [
+            spread_text(spread([v for m in per_seed.values() if (v := number(shares(m).get(n))) is not None]))
+            for n in names] for group, per_seed in rows))
     injected_keys = [key for key, _, _ in INJECTED_FIGURES] + [INJECTED_BY_QUESTION]
     if any(key in m for _, per_seed in rows for m in per_seed.values() for key in injected_keys):
         lines += ["", "Injected paths (a question's rationale replaced by another question's): `injected K·α` is the "
                   "mean K·α the TA put on them (1 = a uniform share, 0 = ignored); `injected deselected share` is "
                   "the share of them left out of the selected set; `per question` is the mean over seeds and "
                   "questions of each injected question's K·α, with its 95% CI from a hierarchical bootstrap "
-                  f"({resamples:,} resamples, seed {seed}; the seeds, then the questions).", "",
-                  "| group | seeds | " + " | ".join(label for _, label, _ in INJECTED_FIGURES)
-                  + " | per question [95% CI] |",
-                  "|---" * (len(INJECTED_FIGURES) + 3) + "|"]
+                  f"({resamples:,} resamples, seed {seed}; the seeds, then the questions).", ""]
+        injected_rows = []
         for group, per_seed in rows:
             by_question: dict[Seed, dict[str, float]] = {}
             for s, m in per_seed.items():
@@ -685,9 +671,10 @@ def ta_markdown(groups: dict[str, Runs], students_dir: Path, seed: int, resample
                 per_question = f"{mean:.2f} [{lo:.2f}, {hi:.2f}] (n={n})"
             else:
                 per_question = "–"
-            lines.append(f"| `{group}` | {seeds_text(per_seed)} | "
-                         + " | ".join(figure(per_seed, key, fmt) for key, _, fmt in INJECTED_FIGURES)
-                         + f" | {per_question} |")
+            injected_rows.append([f"`{group}`", seeds_text(per_seed)]
+                                 + [figure(per_seed, key, fmt) for key, _, fmt in INJECTED_FIGURES] + [per_question])
+        lines += table(["group", "seeds"] + [label for _, label, _ in INJECTED_FIGURES] + ["per question [95% CI]"],
+                       injected_rows)
     lines.append("")
     return "\n".join(lines)
 

@@ -682,7 +682,7 @@ def test_messages_name_physical_lines_read_bom_files_and_stay_short(tmp_path: Pa
 
 
 def test_distill_settings_are_checked_before_any_division_and_answer_type_is_required(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, embedded_model_dir: Path
 ) -> None:
     """``distill.ta.heads: 0`` is one line from every stage (it was a ZeroDivisionError in the
     check, before any stage ran), and so is a misspelt key in the nested ``distill.ta``; a filtered set whose rows lack a known ``answer_type`` is an
@@ -700,10 +700,18 @@ def test_distill_settings_are_checked_before_any_division_and_answer_type_is_req
     params.write_text(yaml.safe_dump({"distill": {"ta": {"heds": 4}}}))
     assert "distill.ta: unknown parameter(s) ['heds']; did you mean 'heads'" in cli_error(
         caplog, "prepare", "--params", str(params))
+    # A mapping option merges into the file's mapping: --ta '{lr: ...}' keeps the file's heads 0.
+    params.write_text(yaml.safe_dump({"distill": {"ta": {"heads": 0}}}))
+    assert "distill.ta.heads 0 must be >= 1" in cli_error(caplog, "distill", "--params", str(params),
+                                                          "--ta", "{lr: 0.01}")
+    # An older flat key points at the nested one, not at the nearest spelling of distill's own keys.
+    params.write_text(yaml.safe_dump({"distill": {"ta_heads": 4}}))
+    assert "distill: unknown parameter(s) ['ta_heads']; did you mean 'ta.heads' for 'ta_heads'?" in cli_error(
+        caplog, "prepare", "--params", str(params))
 
     rows = filtered_rows(2)
     rows[1]["answer_type"] = None
     write_shards(tmp_path / "f", rows, FILTERED_SCHEMA, {})
-    tok = AutoTokenizer.from_pretrained(REPO / ".cache/test-models/smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
     with pytest.raises(ConfigError, match=r"f: row 1 \(question_id q000.*field answer_type None is not one of"):
         D.load_units(D.DistillConfig(filtered_dir=tmp_path / "f"), tok)
