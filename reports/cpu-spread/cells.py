@@ -19,17 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages.report import load_outcomes, pooled_paired_delta, signed_points, split_seed  # noqa: E402
+from stages.report import load_outcomes, pooled_paired_delta, signed_points, split_seed, table  # noqa: E402
 
 DATASET = "embedded"
 BASE = "base"
 
 
 def cells(folder: Path, resamples: int = 10_000) -> list[str]:
-    lines = [f"Paired against `{BASE}` on the {DATASET} eval questions (95% paired bootstrap, {resamples:,} resamples).",
-             "", "| teacher seed | kept questions / rationales | student | accuracy % | Δ vs base [95% CI] | n |",
-             "|---|---|---|---|---|---|"]
-    summary = ["", "| teacher seed | students | weakest Δ | median Δ |", "|---|---|---|---|"]
+    rows, summary = [], []
     for cell in sorted(folder.glob("t*/")):
         filt = json.loads((cell / "filter.json").read_text())
         kept = f"{filt['questions_kept']} / {filt['rows_kept']}"
@@ -42,12 +39,14 @@ def cells(folder: Path, resamples: int = 10_000) -> list[str]:
             _, seed = split_seed(path.stem)
             d = pooled_paired_delta({seed: student}, {None: base}, seed=0, resamples=resamples)
             deltas.append(d["delta"])
-            lines.append(f"| {cell.name[1:]} | {kept} | `{path.stem}` | {100 * d['accuracy']:.1f} | "
-                         f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}] | "
-                         f"{d['n_questions']} |")
-        summary.append(f"| {cell.name[1:]} | {len(deltas)} | {signed_points(min(deltas))} | "
-                       f"{signed_points(statistics.median(deltas))} |")
-    return lines + summary
+            rows.append([cell.name[1:], kept, f"`{path.stem}`", f"{100 * d['accuracy']:.1f}",
+                         f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]",
+                         str(d["n_questions"])])
+        summary.append([cell.name[1:], str(len(deltas)), signed_points(min(deltas)),
+                        signed_points(statistics.median(deltas))])
+    return ([f"Paired against `{BASE}` on the {DATASET} eval questions (95% paired bootstrap, {resamples:,} resamples).", ""]
+            + table(["teacher seed", "kept questions / rationales", "student", "accuracy %", "Δ vs base [95% CI]", "n"], rows)
+            + [""] + table(["teacher seed", "students", "weakest Δ", "median Δ"], summary))
 
 
 if __name__ == "__main__":
