@@ -1,0 +1,65 @@
+"""A study's cells: one row per (cell, student run), each student paired against base on the same
+questions of one dataset, then the weakest and median Δ per cell.
+
+    .venv/bin/python reports/cells.py reports/cpu-spread > reports/cpu-spread/cells.md
+    .venv/bin/python reports/cells.py reports/cpu-sizing --dataset embedded-val > reports/cpu-sizing/cells.md
+
+Reads every sub-folder of ``<folder>`` that holds ``eval/``, as a study's loop leaves it: ``eval/*.json``
+(evaluate's metrics), ``predictions/<model>/<dataset>/`` (its per-question shards), ``filter.json``,
+and where present ``students/<run>/metrics.json`` (distill's: its training minutes). The CI is the
+paired question bootstrap of ``mind report`` (one run against base), so a cell here and the report's
+row for the same run agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from stages.report import load_outcomes, pooled_paired_delta, signed_points, split_seed, table  # noqa: E402
+
+BASE = "base"
+
+
+def train_minutes(cell: Path, run: str) -> str:
+    path = cell / "students" / run / "metrics.json"
+    return f"{json.loads(path.read_text())['train_seconds'] / 60:.1f}" if path.exists() else "–"
+
+
+def cells(folder: Path, dataset: str = "embedded", resamples: int = 10_000) -> list[str]:
+    rows, summary = [], []
+    for cell in sorted(p.parent for p in folder.glob("*/eval")):
+        filt = json.loads((cell / "filter.json").read_text())
+        kept = f"{filt['questions_kept']} / {filt['rows_kept']}"
+        base = load_outcomes(cell / "predictions", BASE, dataset)
+        deltas = []
+        for path in sorted((cell / "eval").glob("*.json")):
+            if path.stem == BASE:
+                continue
+            student = load_outcomes(cell / "predictions", path.stem, dataset)
+            _, seed = split_seed(path.stem)
+            d = pooled_paired_delta({seed: student}, {None: base}, seed=0, resamples=resamples)
+            deltas.append(d["delta"])
+            rows.append([cell.name, kept, f"`{path.stem}`", f"{100 * d['accuracy']:.1f}",
+                         f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]",
+                         str(d["n_questions"]), train_minutes(cell, path.stem)])
+        summary.append([cell.name, str(len(deltas)), signed_points(min(deltas)),
+                        signed_points(statistics.median(deltas)), f"{100 * (max(deltas) - min(deltas)):.1f}"])
+    return ([f"Paired against `{BASE}` on the `{dataset}` questions (95% paired bootstrap, {resamples:,} resamples).", ""]
+            + table(["cell", "kept questions / rationales", "student", "accuracy %", "Δ vs base [95% CI]", "n",
+                     "distill min"], rows)
+            + [""] + table(["cell", "students", "weakest Δ", "median Δ", "spread (max − min)"], summary))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--dataset", default="embedded", help="the prepared dataset the students are paired on")
+    args = parser.parse_args()
+    print("\n".join(cells(args.folder, args.dataset)))
