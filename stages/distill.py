@@ -142,8 +142,8 @@ class DistillConfig:
     # optimisation
     questions_per_step: int = field(2, help="questions per micro-batch per process (all their paths together)")
     grad_accum: int = field(1, help="student gradient-accumulation micro-batches per optimizer step")
-    max_steps: int = field(24, help="student optimizer steps")
-    max_epochs: float = field(4.0, help="error if max_steps needs more passes over the questions than this")
+    max_steps: int = field(48, help="student optimizer steps")
+    max_epochs: float = field(5.0, help="error if max_steps needs more passes over the questions than this")
     lr: float = field(1e-3, help="student peak learning rate")
     warmup_ratio: float = field(0.1, help="linear LR warm-up share of max_steps, then cosine decay to 0")
     weight_decay: float = field(0.0, help="AdamW weight decay (student)")
