@@ -24,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.report import load_outcomes, pooled_paired_delta, signed_points, split_seed, table  # noqa: E402
+from stages.report import (  # noqa: E402
+    delta_ci, load_outcomes, pct, pooled_paired_delta, seeds_text, signed_points, split_seed, table,
+)
 
 BASE = "base"
 
@@ -48,11 +50,10 @@ def cells(folder: Path, dataset: str = "embedded", resamples: int = 10_000) -> l
             _, seed = split_seed(path.stem)
             d = pooled_paired_delta({seed: student}, {None: base}, seed=0, resamples=resamples)
             deltas.append(d["delta"])
-            rows.append([cell.name, kept, f"`{path.stem}`", f"{100 * d['accuracy']:.1f}",
-                         f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]",
-                         str(d["n_questions"]), train_minutes(cell, path.stem)])
+            rows.append([cell.name, kept, f"`{path.stem}`", pct(d["accuracy"]), delta_ci(d), str(d["n_questions"]),
+                         train_minutes(cell, path.stem)])
         summary.append([cell.name, str(len(deltas)), signed_points(min(deltas)),
-                        signed_points(statistics.median(deltas)), f"{100 * (max(deltas) - min(deltas)):.1f}"])
+                        signed_points(statistics.median(deltas)), pct(max(deltas) - min(deltas))])
     return ([f"Paired against `{BASE}` on the `{dataset}` questions (95% paired bootstrap, {resamples:,} resamples).", ""]
             + table(["cell", "kept questions / rationales", "student", "accuracy %", "Δ vs base [95% CI]", "n",
                      "distill min"], rows)
@@ -63,16 +64,15 @@ def versus(folder: Path, a: str, b: str, dataset: str = "embedded", resamples: i
     runs: dict[str, dict[str, dict]] = {a: {}, b: {}}  # cell -> method -> seed -> question id -> correct
     for cell in (a, b):
         for path in sorted((folder / cell / "eval").glob("*.json")):
+            if path.stem == BASE:
+                continue
             method, seed = split_seed(path.stem)
-            if path.stem != BASE:
-                runs[cell].setdefault(method, {})[seed] = load_outcomes(folder / cell / "predictions", path.stem, dataset)
+            runs[cell].setdefault(method, {})[seed] = load_outcomes(folder / cell / "predictions", path.stem, dataset)
     rows = []
     for method in sorted(runs[a].keys() & runs[b].keys()):
         d = pooled_paired_delta(runs[a][method], runs[b][method], seed=0, resamples=resamples)
-        rows.append([f"`{method}`", ", ".join(str(s) for s in d["seeds"]), f"{100 * d['reference_accuracy']:.1f}",
-                     f"{100 * d['accuracy']:.1f}",
-                     f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]",
-                     str(d["n_questions"])])
+        rows.append([f"`{method}`", seeds_text(d["seeds"]), pct(d["reference_accuracy"]), pct(d["accuracy"]),
+                     delta_ci(d), str(d["n_questions"])])
     return ([f"`{a}` against `{b}`, per method, paired by training seed and question on `{dataset}`, pooled over "
              f"the seeds (95% hierarchical bootstrap).", ""]
             + table(["method", "training seeds", f"{b} %", f"{a} %", "Δ [95% CI]", "questions"], rows))

@@ -187,6 +187,11 @@ def signed_points(x: float) -> str:
     return f"{points:+.1f}"
 
 
+def delta_ci(d: dict[str, Any]) -> str:
+    """A paired comparison's Δ with its CI, in points: ``+4.0 [+1.5, +6.5]``."""
+    return f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]"
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     """A markdown table's lines: the header, its rule, one line per row."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
@@ -562,7 +567,7 @@ def paired_markdown(paired: dict[str, dict[str, Any]], notes: list[str], resampl
                 per_seed = "–" if one else f"{signed_points(d['delta_seed_min'])} – {signed_points(d['delta_seed_max'])}"
                 rows.append([f"`{group}`", f"`{ref.removeprefix('vs_')}`", name, seeds_text(d["seeds"]),
                              str(d["n_questions"]), pct(d["accuracy"]), pct(d["reference_accuracy"]),
-                             f"{signed_points(d['delta'])} [{signed_points(d['ci_low'])}, {signed_points(d['ci_high'])}]",
+                             delta_ci(d),
                              per_seed] + ([f"{d['b']} / {d['c']}", f"{d['mcnemar_p']:.2g}"] if one else ["–", "–"]))
     lines += table(["group", "vs", "dataset", "seeds", "n", "group %", "ref %", "Δ [95% CI]", "per-seed Δ", "b / c",
                     "McNemar p"], rows) + [""]

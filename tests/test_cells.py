@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from pipeline.shards import write_shards
-from pipeline.metrics import PREDICTION_SCHEMA
+from report_helpers import pred_rows, write_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "embedded-val"
@@ -26,11 +25,7 @@ def write_run(cell: Path, model: str, right: int, n: int = 10) -> None:
     """One run's eval metrics file and prediction shard: questions 0..right-1 correct, the rest wrong."""
     (cell / "eval").mkdir(parents=True, exist_ok=True)
     (cell / "eval" / f"{model}.json").write_text(json.dumps({"id": {DATASET: {"accuracy": right / n}}}))
-    rows = [{"model": model, "dataset": DATASET, "id": f"q{i}", "output": "The answer is 1.",
-             "pred_answer": "1", "gold": "1" if i < right else "2", "correct": i < right, "answer_type": "number",
-             "strict_correct": i < right, "flexible_correct": i < right, "num_tokens": 5, "finish_reason": "stop"}
-            for i in range(n)]
-    write_shards(cell / "predictions" / model / DATASET, rows, PREDICTION_SCHEMA, {"stage": "test"})
+    write_predictions(cell / "predictions", pred_rows(model, DATASET, [i < right for i in range(n)]))
 
 
 def make_cell(root: Path, name: str, runs: dict[str, int]) -> None:

@@ -13,14 +13,14 @@ from pipeline.metrics import (
     mcnemar_exact_p,
     paired_bootstrap_ci,
     paired_comparison,
-    PREDICTION_SCHEMA,
     accuracy_summary,
     dataset_metrics,
     model_metrics,
     read_model_metrics,
     wilson_interval,
 )
-from pipeline.shards import atomic_write_json, read_rows, write_shards
+from pipeline.shards import atomic_write_json, read_rows
+from report_helpers import pred_rows, write_predictions
 from stages.report import (
     NothingToPair,
     ReportConfig,
@@ -96,29 +96,6 @@ def test_wilson_rejects_bad_counts() -> None:
 
 
 # ---------------------------------------------------------------- metrics from prediction shards
-
-
-def pred_rows(model: str, dataset: str, flags: list[bool], answer_type: str = "number",
-              strict: list[bool] | None = None, flexible: list[bool] | None = None,
-              unanswered: int = 0, truncated: int = 0) -> list[dict[str, Any]]:
-    rows = []
-    for i, ok in enumerate(flags):
-        numeric = answer_type == "number"
-        rows.append({
-            "model": model, "dataset": dataset, "id": f"{dataset}-{i}", "output": f"... The answer is {i}.",
-            "pred_answer": None if i < unanswered else str(i), "gold": str(i) if ok else "x",
-            "correct": ok, "answer_type": answer_type,
-            "strict_correct": (strict[i] if strict else ok) if numeric else None,
-            "flexible_correct": (flexible[i] if flexible else ok) if numeric else None,
-            "num_tokens": 100 + i, "finish_reason": "length" if i < truncated else "stop",
-        })
-    return rows
-
-
-def write_predictions(root: Path, rows: list[dict[str, Any]]) -> Path:
-    out = root / rows[0]["model"] / rows[0]["dataset"]
-    write_shards(out, rows, PREDICTION_SCHEMA, {"stage": "test"})
-    return out
 
 
 def metrics_from_shards(root: Path, model: str, groups: dict[str, str]) -> dict[str, Any]:
